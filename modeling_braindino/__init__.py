@@ -1,0 +1,39 @@
+"""BrainDINO: a self-supervised brain-MRI foundation model, native to Hugging Face transformers.
+
+Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_braindino import BRAINDINO_PRESETS, BrainDinoConfig
+from .convert_natural_image_weights import braindino_from_dinov2, braindino_from_dinov3
+from .image_processing_braindino import BrainDinoImageProcessor, SliceGeometry
+from .modeling_braindino import BrainDinoModel, BrainDinoModelOutput, BrainDinoPreTrainedModel
+from .volume_io import BrainDinoInputError, BrainVolume, load_volume
+
+__version__ = "0.1.0"
+
+AutoConfig.register(BrainDinoConfig.model_type, BrainDinoConfig, exist_ok=True)
+AutoModel.register(BrainDinoConfig, BrainDinoModel, exist_ok=True)
+AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": BrainDinoImageProcessor}, exist_ok=True)
+
+# Saved folders carry `auto_map` and these module files, so they load with `trust_remote_code=True`
+# where this package is not installed.
+BrainDinoConfig.register_for_auto_class()
+BrainDinoModel.register_for_auto_class("AutoModel")
+BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "BRAINDINO_PRESETS",
+    "BrainDinoConfig",
+    "BrainDinoImageProcessor",
+    "BrainDinoInputError",
+    "BrainDinoModel",
+    "BrainDinoModelOutput",
+    "BrainDinoPreTrainedModel",
+    "BrainVolume",
+    "SliceGeometry",
+    "braindino_from_dinov2",
+    "braindino_from_dinov3",
+    "load_volume",
+]

@@ -1,0 +1,126 @@
+"""BrainDINO model configuration."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Width, depth and heads of each size preset; everything else keeps the constructor's defaults.
+# `base` is the paper's backbone (DINOv3 ViT-B/16); `tiny` exists for CPU tests and demos.
+BRAINDINO_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
+}
+
+
+class BrainDinoConfig(PretrainedConfig):
+    r"""
+    Configuration of a BrainDINO vision transformer: a DINOv3-style ViT over 2D axial MRI slices.
+
+    The defaults follow DINOv3 ViT-B/16 as the BrainDINO paper uses it (PAPER.md): 3 input channels
+    holding the repeated grey slice, CLS + 4 register tokens, 2D RoPE (base 100), LayerScale 1e-5,
+    GELU MLP, no qkv bias, LayerNorm eps 1e-6. Use [`BrainDinoConfig.from_preset`] for the sizes.
+
+    Args:
+        image_size (`int`, defaults to 224): nominal slice size in pixels. RoPE models accept any size
+            divisible by the patch size; for `position_embedding_type="absolute"` it fixes the grid of
+            learned positions (interpolated bicubically for other sizes, as DINOv2 does).
+        patch_size (`int`, defaults to 16): side of a square patch.
+        num_channels (`int`, defaults to 3): input channels. 3 = the grey slice repeated, so natural-image
+            DINOv3/DINOv2 weights load unchanged; 1 is possible for models trained from scratch.
+        hidden_size (`int`, defaults to 768): token width.
+        num_hidden_layers (`int`, defaults to 12): transformer blocks.
+        num_attention_heads (`int`, defaults to 12): attention heads per block.
+        intermediate_size (`int`, *optional*): MLP hidden width; defaults to `4 * hidden_size`.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU). With
+            `use_gated_mlp=True` it is the gate's activation (`"silu"` gives SwiGLU).
+        use_gated_mlp (`bool`, defaults to `False`): gated (SwiGLU-style) MLP instead of a plain one.
+        qkv_bias (`bool`, defaults to `False`): bias on the fused query/key/value projection.
+        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        layerscale_value (`float`, defaults to 1e-5): initial LayerScale gain.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth rate, the same for every block.
+        num_register_tokens (`int`, defaults to 4): register tokens after the CLS token.
+        position_embedding_type (`str`, defaults to `"rope"`): `"rope"` (2D rotary, DINOv3) or
+            `"absolute"` (learned, added to the tokens, DINOv2; used for imported DINOv2 weights).
+        rope_theta (`float`, defaults to 100.0): RoPE base period.
+        rope_rescale_coords (`float`, *optional*, defaults to 2.0): in training mode only, patch
+            coordinates are scaled by a log-uniform factor in `[1/r, r]` (DINOv3's augmentation).
+        rope_shift_coords (`float`, *optional*): in training mode only, shift coordinates by U(-s, s).
+        rope_jitter_coords (`float`, *optional*): in training mode only, per-axis log-uniform scaling.
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal weight init.
+        freeze_backbone (`bool`, defaults to `True`): task heads keep the backbone frozen.
+    """
+
+    model_type = "braindino"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
+        use_gated_mlp: bool = False,
+        qkv_bias: bool = False,
+        layer_norm_eps: float = 1e-6,
+        layerscale_value: float = 1e-5,
+        drop_path_rate: float = 0.0,
+        num_register_tokens: int = 4,
+        position_embedding_type: str = "rope",
+        rope_theta: float = 100.0,
+        rope_rescale_coords: float | None = 2.0,
+        rope_shift_coords: float | None = None,
+        rope_jitter_coords: float | None = None,
+        initializer_range: float = 0.02,
+        freeze_backbone: bool = True,
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}")
+        head_dim = hidden_size // num_attention_heads
+        if position_embedding_type == "rope" and head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        if position_embedding_type not in ("rope", "absolute"):
+            raise ValueError(f"position_embedding_type must be 'rope' or 'absolute', got {position_embedding_type!r}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
+        self.hidden_act = hidden_act
+        self.use_gated_mlp = use_gated_mlp
+        self.qkv_bias = qkv_bias
+        self.layer_norm_eps = layer_norm_eps
+        self.layerscale_value = layerscale_value
+        self.drop_path_rate = drop_path_rate
+        self.num_register_tokens = num_register_tokens
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = rope_theta
+        self.rope_rescale_coords = rope_rescale_coords
+        self.rope_shift_coords = rope_shift_coords
+        self.rope_jitter_coords = rope_jitter_coords
+        self.initializer_range = initializer_range
+        self.freeze_backbone = freeze_backbone
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BrainDinoConfig":
+        """A config of one of the sizes `tiny`, `small` (ViT-S/16), `base` (ViT-B/16) or `large` (ViT-L/16)."""
+        if name not in BRAINDINO_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(BRAINDINO_PRESETS)}")
+        return cls(**{**BRAINDINO_PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS + register tokens, which precede the patch tokens in every sequence."""
+        return 1 + self.num_register_tokens

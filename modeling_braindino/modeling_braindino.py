@@ -1,0 +1,385 @@
+"""BrainDINO vision transformer: a DINOv3-style ViT over 2D axial MRI slices.
+
+Readable top to bottom: position helpers → attention → MLP → block → backbone. Everything is
+driven by `BrainDinoConfig`; no global state. This file ships to the Hub as remote code, so it uses
+only long-stable transformers APIs (`PreTrainedModel`, `ModelOutput`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_braindino import BrainDinoConfig
+
+
+@dataclass
+class BrainDinoModelOutput(ModelOutput):
+    """
+    Output of [`BrainDinoModel`]. For a volume batch `(B, S, C, H, W)` every tensor keeps the
+    leading `(B, S)` dimensions instead of `B`.
+
+    Args:
+        last_hidden_state (`(B, 1 + R + N, D)`): all tokens after the final LayerNorm.
+        pooler_output (`(B, D)`): the CLS token after the final LayerNorm.
+        register_tokens (`(B, R, D)`): the register tokens after the final LayerNorm.
+        patch_tokens (`(B, N, D)`): the patch tokens after the final LayerNorm, row-major over the
+            `(H / patch, W / patch)` grid.
+        hidden_states (tuple of `(B, 1 + R + N, D)`, *optional*): the embeddings and each block's
+            output (before the final LayerNorm), with `output_hidden_states=True`.
+        attentions (tuple of `(B, heads, T, T)`, *optional*): attention weights, with `output_attentions=True`.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    register_tokens: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------- position helpers
+
+
+@lru_cache(maxsize=32)
+def patch_center_coordinates(grid_height: int, grid_width: int, device: torch.device) -> torch.Tensor:
+    """(y, x) of each patch centre, row-major, normalised to [-1, 1]: `(grid_height * grid_width, 2)`."""
+    coords_y = (torch.arange(grid_height, dtype=torch.float32, device=device) + 0.5) / grid_height
+    coords_x = (torch.arange(grid_width, dtype=torch.float32, device=device) + 0.5) / grid_width
+    coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1).flatten(0, 1)  # [N, 2]
+    return 2.0 * coords - 1.0
+
+
+def augment_patch_coordinates(
+    coords: torch.Tensor, shift: float | None, jitter: float | None, rescale: float | None
+) -> torch.Tensor:
+    """DINOv3's training-time RoPE augmentation: random shift, per-axis jitter and global rescale."""
+    if shift is not None:
+        coords = coords + torch.empty(1, 2, device=coords.device).uniform_(-shift, shift)
+    if jitter is not None:
+        coords = coords * torch.empty(1, 2, device=coords.device).uniform_(-math.log(jitter), math.log(jitter)).exp()
+    if rescale is not None:
+        coords = coords * torch.empty(1, device=coords.device).uniform_(-math.log(rescale), math.log(rescale)).exp()
+    return coords
+
+
+def rope_angles(coords: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotation angle per patch and channel: `(N, head_dim)`.
+
+    A quarter of the channels rotate with y, a quarter with x, each pair at frequencies
+    `theta ** -(4 i / head_dim)`; the second half of the head repeats the first (rotate-half layout).
+    """
+    inv_freq = theta ** -torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=coords.device)  # [hd/4]
+    angles = 2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]  # [N, 2, hd/4]
+    return angles.flatten(1, 2).tile(2)  # [N, hd]
+
+
+def rope_cos_sin(
+    angles: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables over the whole sequence: prefix tokens (CLS, registers) get the identity rotation,
+    so one fused multiply-add rotates every token without splitting and re-concatenating."""
+    identity = angles.new_zeros(num_prefix_tokens, angles.shape[1])
+    angles = torch.cat([identity, angles], dim=0)  # [T, hd]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop a whole residual branch per sample, rescaling the survivors."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * keep / keep_prob
+
+
+class BrainDinoPatchEmbeddings(nn.Module):
+    """Slices → tokens: patch projection, optional mask token, CLS + registers, optional absolute positions."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        if config.position_embedding_type == "absolute":
+            grid = config.image_size // config.patch_size
+            self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + grid * grid, config.hidden_size))
+        else:
+            self.position_embeddings = None
+
+    def absolute_positions(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Learned positions for the CLS token and a `grid_height x grid_width` patch grid, `(1, 1 + N, D)`.
+        Resized bicubically from the trained square grid when the grid differs, as DINOv2 does."""
+        cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        trained = int(math.isqrt(patch_positions.shape[1]))
+        if (grid_height, grid_width) != (trained, trained):
+            dim = patch_positions.shape[-1]
+            grid = patch_positions.reshape(1, trained, trained, dim).permute(0, 3, 1, 2)  # [1, D, g, g]
+            grid = F.interpolate(grid.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False)
+            patch_positions = grid.to(patch_positions.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # [1, N, D]
+        return torch.cat([cls_position, patch_positions], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        batch_size = pixel_values.shape[0]
+        patches = self.patch_embeddings(pixel_values)  # [B, D, h, w]
+        grid_height, grid_width = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)  # [B, N, D]
+        if bool_masked_pos is not None:
+            patches = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+        if self.position_embeddings is not None:
+            # DINOv2 order: positions are added to CLS and patches, registers carry none.
+            positioned = torch.cat([cls_tokens, patches], dim=1) + self.absolute_positions(grid_height, grid_width)
+            cls_tokens, patches = positioned[:, :1], positioned[:, 1:]
+        register_tokens = self.register_tokens.expand(batch_size, -1, -1)
+        return torch.cat([cls_tokens, register_tokens, patches], dim=1)  # [B, 1 + R + N, D]
+
+
+class BrainDinoAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, RoPE on patch tokens, SDPA kernel."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query_key, value = qkv.permute(2, 0, 3, 1, 4).split([2, 1])  # [2, B, h, T, hd], [1, B, h, T, hd]
+        if rope is not None:
+            query_key = apply_rope(query_key, *rope)
+        query, key, value = query_key[0], query_key[1], value[0]  # [B, h, T, hd]
+        if output_attentions:
+            weights = torch.softmax((query @ key.transpose(-2, -1)) * self.head_dim**-0.5, dim=-1)  # [B, h, T, T]
+            attended = weights @ value
+        else:
+            weights = None
+            attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch_size, num_tokens, width)  # [B, T, D]
+        return self.proj(attended), weights
+
+
+class BrainDinoMLP(nn.Module):
+    """Plain two-layer MLP, or gated (SwiGLU-style) when `config.use_gated_mlp`."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.gate_proj = (
+            nn.Linear(config.hidden_size, config.intermediate_size) if config.use_gated_mlp else None
+        )
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(self.act(self.up_proj(hidden_states)))
+
+
+class BrainDinoLayerScale(nn.Module):
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((config.hidden_size,), config.layerscale_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
+class BrainDinoBlock(nn.Module):
+    """Pre-norm transformer block with LayerScale and stochastic depth."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = BrainDinoAttention(config)
+        self.layer_scale1 = BrainDinoLayerScale(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = BrainDinoMLP(config)
+        self.layer_scale2 = BrainDinoLayerScale(config)
+        self.drop_path_rate = config.drop_path_rate
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.norm1(hidden_states), rope, output_attentions)
+        hidden_states = hidden_states + drop_path(self.layer_scale1(attended), self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(
+            self.layer_scale2(self.mlp(self.norm2(hidden_states))), self.drop_path_rate, self.training
+        )
+        return hidden_states, weights
+
+
+# --------------------------------------------------------------------------- models
+
+
+class BrainDinoPreTrainedModel(PreTrainedModel):
+    """Weight init and loading shared by the BrainDINO backbone and the models built on it."""
+
+    config_class = BrainDinoConfig
+    base_model_prefix = "braindino"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["BrainDinoBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BrainDinoLayerScale):
+            nn.init.constant_(module.gamma, self.config.layerscale_value)
+        elif isinstance(module, BrainDinoPatchEmbeddings):
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            nn.init.trunc_normal_(module.register_tokens, std=std)
+            nn.init.zeros_(module.mask_token)
+            if module.position_embeddings is not None:
+                nn.init.trunc_normal_(module.position_embeddings, std=std)
+
+
+class BrainDinoModel(BrainDinoPreTrainedModel):
+    """
+    The BrainDINO backbone. Takes a slice batch `(B, C, H, W)` (H, W divisible by the patch size)
+    or a volume batch `(B, S, C, H, W)` (slices folded into the batch, outputs unfolded again) and
+    returns CLS, register and patch tokens as a [`BrainDinoModelOutput`].
+    """
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__(config)
+        self.embeddings = BrainDinoPatchEmbeddings(config)
+        self.layers = nn.ModuleList([BrainDinoBlock(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def rope_tables(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin for every token of a slice batch of this size; random coordinate augmentation in training."""
+        if self.config.position_embedding_type != "rope":
+            return None
+        patch = self.config.patch_size
+        coords = patch_center_coordinates(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch, pixel_values.device)
+        if self.training:
+            coords = augment_patch_coordinates(
+                coords, self.config.rope_shift_coords, self.config.rope_jitter_coords, self.config.rope_rescale_coords
+            )
+        angles = rope_angles(coords, self.config.head_dim, self.config.rope_theta)
+        return rope_cos_sin(angles, self.config.num_prefix_tokens, pixel_values.dtype)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BrainDinoModelOutput | tuple:
+        r"""
+        pixel_values (`(B, C, H, W)` or `(B, S, C, H, W)`): normalised slices, e.g. from `BrainDinoImageProcessor`.
+        bool_masked_pos (`(B, N)` or `(B, S, N)` bool, *optional*): patches replaced by the learned mask token.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        volume_shape = None
+        if pixel_values.ndim == 5:
+            volume_shape = pixel_values.shape[:2]
+            pixel_values = pixel_values.flatten(0, 1)  # [B * S, C, H, W]
+            if bool_masked_pos is not None:
+                bool_masked_pos = bool_masked_pos.flatten(0, 1)
+        elif pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (B, C, H, W) or (B, S, C, H, W), got shape {tuple(pixel_values.shape)}")
+        patch = self.config.patch_size
+        if pixel_values.shape[-1] % patch or pixel_values.shape[-2] % patch:
+            raise ValueError(f"slice size {tuple(pixel_values.shape[-2:])} is not divisible by the patch size {patch}")
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.weight.dtype)
+
+        hidden_states = self.embeddings(pixel_values, bool_masked_pos)  # [B, T, D]
+        rope = self.rope_tables(pixel_values)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, weights = torch.utils.checkpoint.checkpoint(
+                    block, hidden_states, rope, output_attentions, use_reentrant=False
+                )
+            else:
+                hidden_states, weights = block(hidden_states, rope, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+
+        sequence = self.layernorm(hidden_states)
+        num_prefix = self.config.num_prefix_tokens
+        output = BrainDinoModelOutput(
+            last_hidden_state=sequence,
+            pooler_output=sequence[:, 0],
+            register_tokens=sequence[:, 1:num_prefix],
+            patch_tokens=sequence[:, num_prefix:],
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        if volume_shape is not None:
+            output = BrainDinoModelOutput(
+                **{name: unfold_volume(value, volume_shape) for name, value in output.items()}
+            )
+        return output if return_dict else output.to_tuple()
+
+    def trainable_parameter_fraction(self) -> float:
+        """Share of parameters that receive gradients."""
+        total = sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad) / total
+
+
+def unfold_volume(value, volume_shape: torch.Size):
+    """`(B * S, ...)` → `(B, S, ...)`, also inside tuples of per-layer tensors."""
+    if isinstance(value, tuple):
+        return tuple(unfold_volume(item, volume_shape) for item in value)
+    return value.unflatten(0, volume_shape)

@@ -1,0 +1,170 @@
+"""Reading one MRI volume safely: NIfTI path, nibabel image, or array + affine → a checked 3D volume.
+
+Every problem a user's file can have becomes one `BrainDinoInputError` naming the file and the
+problem. Sizes are checked from the header before any voxel is read, so a lying header cannot make
+us allocate unbounded memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+# 512³ voxels (512 MiB as float32) is far beyond any brain MRI we expect; a header claiming more is refused.
+DEFAULT_MAX_VOXELS = 512**3
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class BrainDinoInputError(ValueError):
+    """A bad input volume. The message always starts with the file (or input) name, then the problem."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
+@dataclass
+class BrainVolume:
+    """A checked 3D volume: float32 voxels in the file's own array order, its voxel→world affine, its name."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    name: str
+
+    @property
+    def zooms(self) -> np.ndarray:
+        """Voxel size along each array axis, in the affine's units (mm)."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+VolumeSource = str | os.PathLike | nib.spatialimages.SpatialImage | np.ndarray | BrainVolume
+
+
+def _check_header(image: nib.spatialimages.SpatialImage, name: str, max_voxels: int) -> tuple[int, ...]:
+    """Shape, dtype and affine checks that need no voxel data. Returns the 3D shape to read."""
+    shape = tuple(int(size) for size in image.shape)
+    if len(shape) < 3:
+        raise BrainDinoInputError(name, f"{len(shape)}D data of shape {shape}; expected a 3D volume")
+    if len(shape) > 3 and any(size != 1 for size in shape[3:]):
+        raise BrainDinoInputError(
+            name,
+            f"{len(shape)}D data of shape {shape}; expected one 3D volume "
+            "(select one, e.g. image.slicer[..., 0] for the first of a 4D series)",
+        )
+    shape = shape[:3]
+    if min(shape) < 1:
+        raise BrainDinoInputError(name, f"empty volume of shape {shape}")
+    num_voxels = int(np.prod(shape, dtype=np.int64))
+    if num_voxels > max_voxels:
+        raise BrainDinoInputError(
+            name,
+            f"header claims shape {shape} = {num_voxels:,} voxels, over the limit of {max_voxels:,}; "
+            "refusing to read it (raise max_voxels if the volume is real)",
+        )
+    dtype = np.dtype(image.get_data_dtype()) if hasattr(image, "get_data_dtype") else None
+    if dtype is not None:
+        _check_dtype(dtype, name)
+    _check_affine(np.asarray(image.affine, dtype=np.float64), name)
+    return shape
+
+
+def _check_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise BrainDinoInputError(name, f"unsupported voxel type {dtype} (expected integer or real-valued data)")
+
+
+def _check_affine(affine: np.ndarray, name: str) -> None:
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise BrainDinoInputError(name, "the affine is missing or not finite")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise BrainDinoInputError(name, "singular affine (a voxel size or direction is zero)")
+
+
+def _check_values(data: np.ndarray, name: str) -> None:
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise BrainDinoInputError(name, f"{data.size - int(finite.sum()):,} voxels are NaN or infinite")
+    if not data.any():
+        raise BrainDinoInputError(name, "all voxels are zero")
+
+
+def _load_path(path: Path, max_voxels: int) -> BrainVolume:
+    name = str(path)
+    if not path.is_file():
+        raise BrainDinoInputError(name, "no such file")
+    if not name.endswith(NIFTI_SUFFIXES):
+        raise BrainDinoInputError(name, "not a NIfTI file (expected .nii or .nii.gz)")
+    if path.stat().st_size == 0:
+        raise BrainDinoInputError(name, "the file is empty")
+    try:
+        image = nib.load(name)
+    except Exception as error:  # nibabel raises many types for a bad header: report each the same way
+        raise BrainDinoInputError(name, f"not a readable NIfTI file ({type(error).__name__}: {error})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BrainDinoInputError(name, f"not a NIfTI image (nibabel read it as {type(image).__name__})")
+    return _load_image(image, name, max_voxels)
+
+
+def _load_image(image: nib.spatialimages.SpatialImage, name: str, max_voxels: int) -> BrainVolume:
+    shape = _check_header(image, name, max_voxels)
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+    except (EOFError, OSError, zlib.error, ValueError) as error:
+        raise BrainDinoInputError(name, f"truncated or corrupt voxel data ({type(error).__name__}: {error})") from None
+    _check_values(data, name)
+    return BrainVolume(data=data, affine=np.asarray(image.affine, dtype=np.float64), name=name)
+
+
+def _load_array(array: np.ndarray, affine: np.ndarray | None, name: str, max_voxels: int) -> BrainVolume:
+    array = np.asarray(array)
+    if affine is None:
+        raise BrainDinoInputError(name, "an array needs an affine (voxel → world, 4x4); pass np.eye(4) for 1 mm voxels")
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_dtype(array.dtype, name)
+    if array.ndim > 3 and all(size == 1 for size in array.shape[3:]):
+        array = array.reshape(array.shape[:3])
+    if array.ndim != 3:
+        raise BrainDinoInputError(name, f"{array.ndim}D array of shape {array.shape}; expected a 3D volume")
+    if array.size > max_voxels:
+        raise BrainDinoInputError(name, f"array of {array.size:,} voxels is over the limit of {max_voxels:,}")
+    if min(array.shape) < 1:
+        raise BrainDinoInputError(name, f"empty volume of shape {array.shape}")
+    _check_affine(affine, name)
+    data = array.astype(np.float32, copy=False)
+    _check_values(data, name)
+    return BrainVolume(data=data, affine=affine, name=name)
+
+
+def load_volume(
+    source: VolumeSource,
+    affine: np.ndarray | None = None,
+    name: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> BrainVolume:
+    """Read and check one 3D MRI volume.
+
+    Args:
+        source: a `.nii`/`.nii.gz` path, a nibabel image, a 3D array (with `affine`), or a `BrainVolume`.
+        affine: the voxel → world matrix for an array input.
+        name: what error messages call the input (defaults to the path or `"<array>"`).
+        max_voxels: refuse volumes whose header claims more voxels than this.
+
+    Raises:
+        BrainDinoInputError: not NIfTI, truncated, not 3D, empty, all zero, NaN/Inf, complex or other
+            unsupported dtype, absurd header size, singular affine.
+    """
+    if isinstance(source, BrainVolume):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(Path(source), max_voxels)
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        return _load_image(source, name or source.get_filename() or "<nibabel image>", max_voxels)
+    if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
+        return _load_array(np.asarray(source), affine, name or "<array>", max_voxels)
+    raise BrainDinoInputError(name or repr(type(source).__name__), "expected a NIfTI path, a nibabel image or an array")

@@ -1,0 +1,1 @@
+"""BrainDINO pipelines (transformers `Pipeline` subclasses); filled by the pipelines issue."""

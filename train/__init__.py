@@ -1,0 +1,1 @@
+"""BrainDINO training side: corpus building, data, losses, pretraining, heads, evaluation, CLI."""
