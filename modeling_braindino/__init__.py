@@ -8,7 +8,12 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .configuration_braindino import BRAINDINO_PRESETS, BrainDinoConfig
 from .convert_natural_image_weights import braindino_from_dinov2, braindino_from_dinov3
 from .image_processing_braindino import BrainDinoImageProcessor, SliceGeometry
-from .modeling_braindino import BrainDinoModel, BrainDinoModelOutput, BrainDinoPreTrainedModel
+from .modeling_braindino import (
+    BrainDinoModel,
+    BrainDinoModelOutput,
+    BrainDinoPreTrainedModel,
+    BrainDinoSliceEmbeddings,
+)
 from .volume_io import BrainDinoInputError, BrainVolume, load_volume
 
 __version__ = "0.1.0"
@@ -31,6 +36,7 @@ __all__ = [
     "BrainDinoModel",
     "BrainDinoModelOutput",
     "BrainDinoPreTrainedModel",
+    "BrainDinoSliceEmbeddings",
     "BrainVolume",
     "SliceGeometry",
     "braindino_from_dinov2",

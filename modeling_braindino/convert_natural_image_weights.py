@@ -77,7 +77,7 @@ def _as_model(source: str | PreTrainedModel, model_class_name: str) -> PreTraine
         return source
     import transformers
 
-    return getattr(transformers, model_class_name).from_pretrained(source)
+    return getattr(transformers, model_class_name).from_pretrained(source, use_safetensors=True)
 
 
 def braindino_from_dinov3(source: str | PreTrainedModel, **config_overrides) -> BrainDinoModel:

@@ -46,7 +46,8 @@ class SliceGeometry:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SliceGeometry":
-        return cls(**values)
+        tuples = ("input_shape", "resized_shape", "pad_offset", "canvas_shape")
+        return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
 
     @property
     def to_ras(self) -> np.ndarray:

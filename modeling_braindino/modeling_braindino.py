@@ -47,6 +47,20 @@ class BrainDinoModelOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@dataclass
+class BrainDinoSliceEmbeddings(ModelOutput):
+    """
+    Per-slice embeddings of one volume, from [`BrainDinoModel.encode_slices`].
+
+    Args:
+        cls_tokens (`(S, D)`): the CLS token of each slice (the paper mean-pools these per volume).
+        patch_means (`(S, D)`): the mean patch token of each slice.
+    """
+
+    cls_tokens: torch.Tensor | None = None
+    patch_means: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- position helpers
 
 
@@ -86,20 +100,22 @@ def rope_angles(coords: torch.Tensor, head_dim: int, theta: float) -> torch.Tens
 def rope_cos_sin(
     angles: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables over the whole sequence: prefix tokens (CLS, registers) get the identity rotation,
-    so one fused multiply-add rotates every token without splitting and re-concatenating."""
+    """cos and sign-folded sin tables over the whole sequence, `(T, head_dim)` each.
+
+    Prefix tokens (CLS, registers) get the identity rotation, so one pass rotates every token without
+    splitting and re-concatenating. The sine's first half is negated so that the rotate-half product
+    `cat(-x2, x1) * sin` becomes `roll(x) * signed_sin` (see `apply_rope`).
+    """
     identity = angles.new_zeros(num_prefix_tokens, angles.shape[1])
     angles = torch.cat([identity, angles], dim=0)  # [T, hd]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    half = angles.shape[1] // 2
+    sign = torch.cat([-angles.new_ones(half), angles.new_ones(half)])
+    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, `x * cos + cat(-x2, x1) * sin`, as one roll and one fused multiply-add."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -112,6 +128,15 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     keep_prob = 1.0 - drop_prob
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
     return x * keep / keep_prob
+
+
+def add_scaled_residual(
+    residual: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, drop_prob: float, training: bool
+) -> torch.Tensor:
+    """`residual + drop_path(gamma * branch)`: one fused multiply-add whenever no path is dropped."""
+    if drop_prob and training:
+        return residual + drop_path(branch * gamma, drop_prob, training)
+    return torch.addcmul(residual, branch, gamma)
 
 
 class BrainDinoPatchEmbeddings(nn.Module):
@@ -211,12 +236,11 @@ class BrainDinoMLP(nn.Module):
 
 
 class BrainDinoLayerScale(nn.Module):
+    """Per-channel residual-branch gain (`gamma`), applied in `add_scaled_residual`."""
+
     def __init__(self, config: BrainDinoConfig):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((config.hidden_size,), config.layerscale_value))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states * self.gamma
 
 
 class BrainDinoBlock(nn.Module):
@@ -239,9 +263,11 @@ class BrainDinoBlock(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attention(self.norm1(hidden_states), rope, output_attentions)
-        hidden_states = hidden_states + drop_path(self.layer_scale1(attended), self.drop_path_rate, self.training)
-        hidden_states = hidden_states + drop_path(
-            self.layer_scale2(self.mlp(self.norm2(hidden_states))), self.drop_path_rate, self.training
+        hidden_states = add_scaled_residual(
+            hidden_states, attended, self.layer_scale1.gamma, self.drop_path_rate, self.training
+        )
+        hidden_states = add_scaled_residual(
+            hidden_states, self.mlp(self.norm2(hidden_states)), self.layer_scale2.gamma, self.drop_path_rate, self.training
         )
         return hidden_states, weights
 
@@ -258,6 +284,14 @@ class BrainDinoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["BrainDinoBlock"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but weights load from safetensors only (never pickle)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("BrainDINO loads weights from safetensors only; use_safetensors=False is not supported")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -371,6 +405,18 @@ class BrainDinoModel(BrainDinoPreTrainedModel):
                 **{name: unfold_volume(value, volume_shape) for name, value in output.items()}
             )
         return output if return_dict else output.to_tuple()
+
+    @torch.inference_mode()
+    def encode_slices(self, pixel_values: torch.Tensor, slice_batch_size: int = 32) -> BrainDinoSliceEmbeddings:
+        """Encode one volume's slices `(S, C, H, W)` in batches of `slice_batch_size`, keeping memory bounded:
+        returns the CLS token and the mean patch token of every slice."""
+        cls_tokens, patch_means = [], []
+        device = self.embeddings.patch_embeddings.weight.device
+        for start in range(0, pixel_values.shape[0], slice_batch_size):
+            output = self(pixel_values[start : start + slice_batch_size].to(device))
+            cls_tokens.append(output.pooler_output)
+            patch_means.append(output.patch_tokens.mean(dim=1))
+        return BrainDinoSliceEmbeddings(cls_tokens=torch.cat(cls_tokens), patch_means=torch.cat(patch_means))
 
     def trainable_parameter_fraction(self) -> float:
         """Share of parameters that receive gradients."""

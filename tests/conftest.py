@@ -1,0 +1,45 @@
+"""Shared fixtures. Hub variables are set before anything imports huggingface_hub (read at import time)."""
+
+import os
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="braindino-hf-home-")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from braindino import BrainDinoConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> BrainDinoConfig:
+    """A very small BrainDINO (2 blocks, width 64) for fast CPU tests. LayerScale starts at 1, not 1e-5,
+    so every block changes the output and tests comparing outputs can fail."""
+    return BrainDinoConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, layerscale_value=1.0
+    )
+
+
+@pytest.fixture(scope="session")
+def mni152_path(tmp_path_factory) -> str:
+    """nilearn's MNI152 T1 template at 2 mm, written as a real .nii.gz file."""
+    from braindino.train.example_data import write_mni152_t1
+
+    return str(write_mni152_t1(tmp_path_factory.mktemp("mni"), resolution=2))
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    return np.random.default_rng(0)
+
+
+def save_nifti(path, data, affine=None) -> str:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return str(path)

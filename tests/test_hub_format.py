@@ -1,0 +1,87 @@
+"""Saved folders: Auto* registration, safetensors only, and loading with trust_remote_code where the
+package cannot be imported (a real fresh Python process)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
+
+
+@pytest.fixture
+def saved_folder(tmp_path, tiny_config, seeded):
+    model = BrainDinoModel(tiny_config).eval()
+    model.save_pretrained(tmp_path / "model")
+    BrainDinoImageProcessor(size=32).save_pretrained(tmp_path / "model")
+    return tmp_path / "model", model
+
+
+def test_auto_classes_round_trip_in_safetensors(saved_folder):
+    folder, model = saved_folder
+    files = sorted(path.name for path in folder.iterdir())
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert isinstance(AutoConfig.from_pretrained(folder), BrainDinoConfig)
+    reloaded = AutoModel.from_pretrained(folder)
+    assert isinstance(reloaded, BrainDinoModel)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert isinstance(processor, BrainDinoImageProcessor) and processor.size == 32
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state)
+
+
+def test_saved_config_carries_auto_map_and_module_files(saved_folder):
+    folder, _ = saved_folder
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "braindino"
+    assert config["auto_map"]["AutoModel"] == "modeling_braindino.BrainDinoModel"
+    assert config["auto_map"]["AutoConfig"] == "configuration_braindino.BrainDinoConfig"
+    assert (folder / "modeling_braindino.py").exists() and (folder / "configuration_braindino.py").exists()
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny_config):
+    folder = tmp_path / "pickled"
+    tiny_config.save_pretrained(folder)
+    torch.save(BrainDinoModel(tiny_config).state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises((OSError, ValueError)):
+        BrainDinoModel.from_pretrained(folder)
+    with pytest.raises(ValueError, match="safetensors only"):
+        BrainDinoModel.from_pretrained(folder, use_safetensors=False)
+
+
+def test_folder_loads_with_remote_code_where_the_package_is_not_importable(saved_folder, tmp_path):
+    folder, model = saved_folder
+    pixel_values = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.save(model(pixel_values).pooler_output, tmp_path / "expected.pt")
+    torch.save(pixel_values, tmp_path / "input.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["braindino"] = None  # any import of the installed package now fails
+        try:
+            import braindino
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("braindino is importable")
+        import torch
+        from transformers import AutoImageProcessor, AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        processor = AutoImageProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "BrainDinoImageProcessor" and processor.size == 32
+        with torch.no_grad():
+            output = model(torch.load({str(tmp_path / "input.pt")!r})).pooler_output
+        torch.testing.assert_close(output, torch.load({str(tmp_path / "expected.pt")!r}))
+        print("remote code ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code ok" in result.stdout

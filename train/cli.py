@@ -1,0 +1,53 @@
+"""`braindino` command line: one entry point, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _extract_features(args: argparse.Namespace) -> int:
+    from .example_data import write_mni152_t1
+    from .features import extract_features, load_backbone
+
+    paths = list(args.files)
+    if args.example == "mni152":
+        paths.append(write_mni152_t1(Path(args.out) / "inputs"))
+    if not paths:
+        print("braindino extract-features: give NIfTI files or --example mni152", file=sys.stderr)
+        return 2
+    backbone = load_backbone(args.model, None if args.model else args.preset, num_slices=args.num_slices)
+    print(f"model: {backbone.description}")
+    summary = extract_features(paths, backbone, args.out, slice_batch_size=args.slice_batch_size)
+    for volume in summary["volumes"]:
+        print(f"  {volume['source']}: {volume['num_slices']} slices → {volume['features']}")
+    for failure in summary["failed"]:
+        print(f"  skipped {failure['error']}", file=sys.stderr)
+    print(f"wrote {Path(args.out) / 'features.json'}")
+    return 1 if summary["failed"] else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braindino", description="BrainDINO brain-MRI foundation model tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    extract = commands.add_parser("extract-features", help="encode NIfTI volumes with a frozen backbone")
+    extract.add_argument("files", nargs="*", help=".nii / .nii.gz volumes")
+    extract.add_argument("--out", required=True, help="output folder")
+    extract.add_argument("--model", help="pretrained BrainDINO folder or Hub id")
+    extract.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised preset (tiny/small/base/large)")
+    extract.add_argument("--example", choices=["mni152"], help="also encode a bundled real volume (nilearn's MNI152 T1 template)")
+    extract.add_argument("--num-slices", type=int, default=None, help="resample to this many axial slices (the paper: 128)")
+    extract.add_argument("--slice-batch-size", type=int, default=32)
+    extract.set_defaults(run=_extract_features)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
