@@ -1,0 +1,31 @@
+"""The README's main job as a new user runs it: a real `braindino` process on a real volume."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def test_extract_features_on_the_bundled_real_volume(tmp_path):
+    beside_python = Path(sys.executable).parent / "braindino"
+    executable = str(beside_python) if beside_python.exists() else shutil.which("braindino")
+    assert executable, "the braindino console script is not installed"
+    result = subprocess.run(
+        [executable, "extract-features", "--example", "mni152", "--num-slices", "32", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "features.json").read_text())
+    assert summary["random_init"] is True and "untrained" in summary["model"]
+    (volume,) = summary["volumes"]
+    assert volume["num_slices"] == 32 and volume["embedding_dim"] == 192
+    with safe_open(volume["features"], "pt") as features:
+        slice_cls = features.get_tensor("slice_cls_tokens")
+        embedding = features.get_tensor("volume_embedding")
+        geometry = json.loads(features.metadata()["geometry"])
+    assert slice_cls.shape == (32, 192) and embedding.shape == (192,)
+    assert slice_cls.std(dim=0).mean() > 0  # slices through different anatomy give different tokens
+    assert geometry["input_shape"] == [197, 233, 189]  # nilearn's 1 mm MNI152 grid
