@@ -41,6 +41,20 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from .corpus import prepare_corpus
+
+    manifest = prepare_corpus(args.sources, args.out, size=args.size, volumes_per_shard=args.volumes_per_shard,
+                              workers=args.workers)
+    for source, counts in manifest["sources"].items():
+        print(f"  {source}: {counts['volumes']} volumes, {counts['slices']} slices, {len(counts['files'])} shards")
+    for failure in manifest["failed"]:
+        print(f"  skipped {failure['error']}", file=sys.stderr)
+    print(f"{manifest['volumes']} volumes → {manifest['slices']} slices; {len(manifest['failed'])} unreadable files "
+          f"listed in {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="BrainDINO brain-MRI foundation model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--disease-fraction", type=float, default=0.5, help="share with the disease atrophy pattern")
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.set_defaults(run=_synth)
+
+    prepare = commands.add_parser("prepare-data", help="NIfTI folders → Parquet shards of axial slices (resumable)")
+    prepare.add_argument("sources", nargs="+", help="folders of .nii/.nii.gz (BIDS, BraTS-style or flat)")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--size", type=int, default=224, help="slice canvas size in pixels")
+    prepare.add_argument("--volumes-per-shard", type=int, default=8)
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.set_defaults(run=_prepare_data)
     return parser
 
 

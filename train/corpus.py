@@ -1,0 +1,223 @@
+"""Folders of NIfTI volumes → a slice corpus: Parquet shards that `datasets` reads, one row per kept axial slice.
+
+Each volume goes through `BrainDinoImageProcessor` (RAS, non-empty slice range, the paper's percentile
+clip + z-score, square pixels on a `size` canvas) and every slice with any foreground becomes a row:
+`pixels` (float16 bytes, `height` x `width`), source dataset, subject, contrast, slice index, spacing,
+original shape and path. Raw bytes decode ten times faster than `Array2D` in streaming (measured).
+
+Shards hold the volumes of one source only (so sources can be mixed by weight) and are written to a
+temporary name, then renamed: an interrupted run never leaves a half-written shard. Each finished shard
+has a JSON record; a re-run skips every volume already recorded and cleans stale temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, Features, List, Value
+
+from braindino import BrainDinoImageProcessor, BrainDinoInputError
+
+SLICE_FEATURES = Features(
+    {
+        "pixels": Value("binary"),
+        "height": Value("int32"),
+        "width": Value("int32"),
+        "source": Value("string"),
+        "subject": Value("string"),
+        "contrast": Value("string"),
+        "slice_index": Value("int32"),
+        "num_slices": Value("int32"),
+        "spacing": List(Value("float32"), length=3),
+        "original_shape": List(Value("int32"), length=3),
+        "path": Value("string"),
+    }
+)
+# File-name tokens → contrast, covering BIDS (_T1w, _FLAIR, ce-gd), BraTS 2021 (_t1ce) and BraTS 2023 (-t1c, -t2f).
+CONTRAST_TOKENS = {
+    "t1": "t1", "t1w": "t1", "t1n": "t1", "mprage": "t1",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair",
+}
+LABEL_TOKENS = {"seg", "mask", "label", "labels", "dseg", "brainmask"}
+NIFTI_PATTERN = re.compile(r"\.nii(\.gz)?$")
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    """One NIfTI file found in a source folder, with what its path says about it."""
+
+    path: str
+    source: str
+    subject: str
+    contrast: str
+
+
+def describe_volume(path: Path, root: Path) -> VolumeEntry | None:
+    """Source, subject and contrast from a path; `None` for label/mask files (they are not images)."""
+    stem = NIFTI_PATTERN.sub("", path.name)
+    tokens = [token.lower() for token in re.split(r"[_\-.]", stem) if token]
+    if LABEL_TOKENS.intersection(tokens):
+        return None
+    if "ce" in tokens and "gd" in tokens:  # BIDS ce-gd_T1w
+        contrast = "t1ce"
+    else:
+        contrast = next((CONTRAST_TOKENS[token] for token in reversed(tokens) if token in CONTRAST_TOKENS), "unknown")
+    relative = path.relative_to(root)
+    bids_subject = next((part for part in relative.parts if part.startswith("sub-")), None)
+    if bids_subject:
+        subject = bids_subject
+    elif len(relative.parts) > 1:  # BraTS-style: one folder per subject
+        subject = relative.parts[-2]
+    else:  # flat folder: the file name without its contrast suffix
+        subject = re.sub(r"[_\-](t1ce|t1c|t1gd|t1n|t1w|t1|t2w|t2f|t2|flair)$", "", stem, flags=re.IGNORECASE)
+    return VolumeEntry(path=str(path), source=root.name, subject=subject, contrast=contrast)
+
+
+def scan_sources(sources: list[str | Path]) -> list[VolumeEntry]:
+    """All image volumes under the source folders (recursive), sorted for reproducible shards."""
+    entries = []
+    for source in sources:
+        root = Path(source).resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{source}: not a folder")
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and NIFTI_PATTERN.search(path.name):
+                entry = describe_volume(path, root)
+                if entry is not None:
+                    entries.append(entry)
+    return entries
+
+
+def volume_rows(entry: VolumeEntry, processor: BrainDinoImageProcessor) -> list[dict]:
+    """The kept slices of one volume as corpus rows."""
+    pixel_values, geometry = processor.preprocess_volume(entry.path)
+    slices = pixel_values[:, 0].numpy()  # [S, H, W]
+    spacing = np.sqrt((np.asarray(geometry.input_affine)[:3, :3] ** 2).sum(0)).astype(np.float32).tolist()
+    rows = []
+    for slice_values, slice_index in zip(slices, geometry.slice_indices):
+        if not slice_values.any():
+            continue
+        rows.append(
+            {
+                "pixels": slice_values.astype(np.float16).tobytes(),
+                "height": slice_values.shape[0],
+                "width": slice_values.shape[1],
+                "source": entry.source,
+                "subject": entry.subject,
+                "contrast": entry.contrast,
+                "slice_index": int(slice_index),
+                "num_slices": len(geometry.slice_indices),
+                "spacing": spacing,
+                "original_shape": list(geometry.input_shape),
+                "path": entry.path,
+            }
+        )
+    return rows
+
+
+def write_shard(shard_name: str, entries: list[VolumeEntry], out_dir: str, size: int) -> dict:
+    """Process the volumes of one shard and write it atomically; return its record (also saved as JSON)."""
+    processor = BrainDinoImageProcessor(size=size, num_channels=1)
+    rows, volumes, failed = [], [], []
+    for entry in entries:
+        try:
+            volume_slices = volume_rows(entry, processor)
+        except BrainDinoInputError as error:
+            failed.append({"path": entry.path, "error": str(error)})
+            continue
+        rows.extend(volume_slices)
+        volumes.append({"path": entry.path, "slices": len(volume_slices)})
+    shard_dir = Path(out_dir) / "data"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if rows:
+        temporary = shard_dir / f"{shard_name}.parquet.tmp"
+        columns = {name: [row[name] for row in rows] for name in SLICE_FEATURES}
+        Dataset.from_dict(columns, features=SLICE_FEATURES).to_parquet(str(temporary), batch_size=256)
+        temporary.rename(shard_dir / f"{shard_name}.parquet")
+    record = {
+        "shard": shard_name,
+        "source": entries[0].source,
+        "file": f"data/{shard_name}.parquet" if rows else None,
+        "slices": len(rows),
+        "volumes": volumes,
+        "failed": failed,
+    }
+    record_path = Path(out_dir) / "shards" / f"{shard_name}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary_record = record_path.with_suffix(".json.tmp")
+    temporary_record.write_text(json.dumps(record, indent=1))
+    temporary_record.rename(record_path)  # the record lands last: a shard without one is redone
+    return record
+
+
+def prepare_corpus(
+    sources: list[str | Path], out_dir: str | Path, size: int = 224, volumes_per_shard: int = 8, workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Build (or resume) the slice corpus; return the manifest, also written to `manifest.json`."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in list(out_dir.glob("data/*.tmp")) + list(out_dir.glob("shards/*.tmp")):
+        stale.unlink()
+    records = [json.loads(path.read_text()) for path in sorted((out_dir / "shards").glob("*.json"))]
+    done = {volume["path"] for record in records for volume in record["volumes"]}
+    done |= {failure["path"] for record in records for failure in record["failed"]}
+    todo = [entry for entry in scan_sources(sources) if entry.path not in done]
+
+    next_index = 1 + max((int(record["shard"].split("-")[-1]) for record in records), default=-1)
+    jobs = []
+    for source in sorted({entry.source for entry in todo}):
+        source_entries = [entry for entry in todo if entry.source == source]
+        for start in range(0, len(source_entries), volumes_per_shard):
+            jobs.append((f"{source}-{next_index:05d}", source_entries[start : start + volumes_per_shard]))
+            next_index += 1
+
+    bar = tqdm(total=sum(len(entries) for _, entries in jobs), unit="volume", desc="prepare-data", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            futures = {pool.submit(write_shard, name, entries, str(out_dir), size): entries for name, entries in jobs}
+            for future in as_completed(futures):
+                records.append(future.result())
+                bar.update(len(futures[future]))
+    else:
+        for name, entries in jobs:
+            records.append(write_shard(name, entries, str(out_dir), size))
+            bar.update(len(entries))
+    bar.close()
+    return write_manifest(out_dir, records, size)
+
+
+def write_manifest(out_dir: Path, records: list[dict], size: int) -> dict:
+    sources: dict[str, dict] = {}
+    for record in sorted(records, key=lambda record: record["shard"]):
+        counts = sources.setdefault(record["source"], {"volumes": 0, "slices": 0, "failed": 0, "files": []})
+        counts["volumes"] += len(record["volumes"])
+        counts["slices"] += record["slices"]
+        counts["failed"] += len(record["failed"])
+        if record["file"]:
+            counts["files"].append(record["file"])
+    manifest = {
+        "format": "braindino-slices-v1",
+        "slice_size": size,
+        "pixels": "float16 bytes, row-major (height, width); z-scored over non-zero voxels, background 0",
+        "sources": sources,
+        "volumes": sum(counts["volumes"] for counts in sources.values()),
+        "slices": sum(counts["slices"] for counts in sources.values()),
+        "failed": [failure for record in records for failure in record["failed"]],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def decode_pixels(row: dict) -> np.ndarray:
+    """A corpus row's slice as a float32 `(height, width)` array."""
+    return np.frombuffer(row["pixels"], dtype=np.float16).reshape(row["height"], row["width"]).astype(np.float32)

@@ -1,0 +1,76 @@
+"""Streaming the slice corpus: per-rank sharding, a shuffle buffer, a weighted mixture of sources.
+
+Distributed rule (see ECOSYSTEM.md): the stream is split once, here, with `split_dataset_by_node`, and
+fed to a plain `DataLoader` that Accelerate does not prepare (preparing it would shard a second time and
+silently drop data). With the same seed every rank sees a disjoint part, and together all of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import IterableDataset, interleave_datasets, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from .augment import MultiCropCollator, MultiCropConfig
+
+
+def source_streams(corpus_dir: str | Path) -> dict[str, IterableDataset]:
+    """One streaming dataset per source of a prepared corpus (its shards in order)."""
+    corpus_dir = Path(corpus_dir)
+    manifest_path = corpus_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{corpus_dir}: no manifest.json; build the corpus with `braindino prepare-data`")
+    manifest = json.loads(manifest_path.read_text())
+    return {
+        source: load_dataset("parquet", data_files=[str(corpus_dir / name) for name in counts["files"]],
+                             split="train", streaming=True)
+        for source, counts in sorted(manifest["sources"].items())
+        if counts["files"]
+    }
+
+
+def slice_stream(
+    corpus_dir: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    source_weights: dict[str, float] | None = None,
+) -> IterableDataset:
+    """This rank's share of the corpus, shuffled. Call `.set_epoch(epoch)` to reshuffle each epoch.
+
+    Without `source_weights` every slice appears once per epoch across ranks. With weights, sources
+    are sampled in those proportions and smaller ones repeat until the largest is exhausted.
+    """
+    streams = source_streams(corpus_dir)
+    if len(streams) == 1:
+        stream = next(iter(streams.values()))
+    elif source_weights is None:
+        stream = interleave_datasets(list(streams.values()), seed=seed, stopping_strategy="all_exhausted_without_replacement")
+    else:
+        unknown = set(source_weights) - set(streams)
+        if unknown:
+            raise ValueError(f"source_weights names unknown sources {sorted(unknown)}; the corpus has {sorted(streams)}")
+        total = sum(source_weights.get(source, 0.0) for source in streams)
+        probabilities = [source_weights.get(source, 0.0) / total for source in streams]
+        stream = interleave_datasets(list(streams.values()), probabilities=probabilities, seed=seed,
+                                     stopping_strategy="all_exhausted")
+    stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else stream
+
+
+def multicrop_loader(
+    stream: IterableDataset, batch_size: int, config: MultiCropConfig | None = None, num_workers: int = 0,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Batches of multi-crop views from a slice stream. Crops, intensity augmentation and masks run as
+    batched tensor ops in the collate function, inside the loader's worker processes."""
+    generator = torch.Generator().manual_seed(seed)  # seeds each worker: the same seed gives the same batches
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, collate_fn=MultiCropCollator(config or MultiCropConfig()),
+        num_workers=num_workers, generator=generator, drop_last=True,
+        persistent_workers=num_workers > 0,
+    )
