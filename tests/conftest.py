@@ -9,12 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import datasets  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from braindino import BrainDinoConfig  # noqa: E402
+
+# datasets waits 5 s after each streaming pass over Parquet (a guard against a pyarrow thread-shutdown
+# crash); real training pays it once per epoch, the suite would pay it in almost every test.
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 from datasets import Dataset, Features, List, Value
 
@@ -139,7 +140,13 @@ def write_shard(shard_name: str, entries: list[VolumeEntry], out_dir: str, size:
     if rows:
         temporary = shard_dir / f"{shard_name}.parquet.tmp"
         columns = {name: [row[name] for row in rows] for name in SLICE_FEATURES}
-        Dataset.from_dict(columns, features=SLICE_FEATURES).to_parquet(str(temporary), batch_size=256)
+        bars_were_on = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one bar per shard is noise; prepare_corpus shows its own
+        try:
+            Dataset.from_dict(columns, features=SLICE_FEATURES).to_parquet(str(temporary), batch_size=256)
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
         temporary.rename(shard_dir / f"{shard_name}.parquet")
     record = {
         "shard": shard_name,

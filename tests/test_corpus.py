@@ -1,0 +1,112 @@
+"""prepare-data on real files: layouts, bad files, counts, and resume after a SIGKILL."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from braindino import BrainDinoImageProcessor
+from braindino.train.corpus import decode_pixels, describe_volume, prepare_corpus, scan_sources
+from braindino.train.synthetic import write_synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two sources: a synthetic BraTS-style folder (3 subjects x 4 contrasts + segs) and a BIDS folder
+    holding two volumes plus two broken files."""
+    root = tmp_path_factory.mktemp("sources")
+    write_synthetic_corpus(root / "synthetic", subjects=3, seed=5, tumor_fraction=1.0)
+    anat = root / "bids" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    shutil.copy(root / "synthetic" / "synthetic-0000" / "synthetic-0000_t1.nii.gz", anat / "sub-01_T1w.nii.gz")
+    shutil.copy(root / "synthetic" / "synthetic-0000" / "synthetic-0000_t1ce.nii.gz", anat / "sub-01_ce-gd_T1w.nii.gz")
+    (anat / "sub-01_FLAIR.nii.gz").write_text("not an image")
+    whole = (root / "synthetic" / "synthetic-0001" / "synthetic-0001_t2.nii.gz").read_bytes()
+    (anat / "sub-01_T2w.nii.gz").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+@pytest.mark.parametrize(
+    "relative,subject,contrast",
+    [
+        ("ds/sub-07/ses-1/anat/sub-07_ses-1_T1w.nii.gz", "sub-07", "t1"),
+        ("ds/sub-07/anat/sub-07_ce-gd_T1w.nii.gz", "sub-07", "t1ce"),
+        ("ds/sub-07/anat/sub-07_FLAIR.nii", "sub-07", "flair"),
+        ("brats/BraTS2021_00012/BraTS2021_00012_t1ce.nii.gz", "BraTS2021_00012", "t1ce"),
+        ("brats/BraTS-GLI-00012-000/BraTS-GLI-00012-000-t2f.nii.gz", "BraTS-GLI-00012-000", "flair"),
+        ("brats/BraTS-GLI-00012-000/BraTS-GLI-00012-000-t1n.nii.gz", "BraTS-GLI-00012-000", "t1"),
+        ("flat/case17_T2.nii.gz", "case17", "t2"),
+        ("flat/scan42.nii.gz", "scan42", "unknown"),
+    ],
+)
+def test_layouts_give_subject_and_contrast(relative, subject, contrast):
+    path = Path("/data") / relative
+    entry = describe_volume(path, Path("/data") / relative.split("/")[0])
+    assert (entry.subject, entry.contrast, entry.source) == (subject, contrast, relative.split("/")[0])
+
+
+def test_label_files_are_not_images():
+    assert describe_volume(Path("/d/brats/B_01/B_01_seg.nii.gz"), Path("/d/brats")) is None
+    assert describe_volume(Path("/d/ds/sub-1/anat/sub-1_desc-brain_mask.nii.gz"), Path("/d/ds")) is None
+
+
+def test_prepare_writes_every_nonempty_slice_and_reports_bad_files(sources, tmp_path):
+    manifest = prepare_corpus([sources / "synthetic", sources / "bids"], tmp_path, size=64, volumes_per_shard=3, workers=2,
+                              progress=False)
+    assert manifest["sources"]["synthetic"]["volumes"] == 12  # 3 subjects x 4 contrasts; segs skipped
+    assert manifest["sources"]["bids"]["volumes"] == 2
+    failed = {Path(failure["path"]).name: failure["error"] for failure in manifest["failed"]}
+    assert set(failed) == {"sub-01_FLAIR.nii.gz", "sub-01_T2w.nii.gz"}
+    assert "not a readable NIfTI" in failed["sub-01_FLAIR.nii.gz"]
+    assert "truncated or corrupt" in failed["sub-01_T2w.nii.gz"]
+
+    table = pq.read_table(tmp_path / manifest["sources"]["synthetic"]["files"][0])
+    row = table.slice(0, 1).to_pylist()[0]
+    pixels = decode_pixels(row)
+    assert pixels.shape == (64, 64) and pixels.any() and row["source"] == "synthetic"
+    # the shard holds exactly the processor's non-empty slices of that volume, in order
+    expected, geometry = BrainDinoImageProcessor(size=64, num_channels=1).preprocess_volume(row["path"])
+    rows_of_volume = [r for r in table.to_pylist() if r["path"] == row["path"]]
+    kept = [index for index, values in zip(geometry.slice_indices, expected[:, 0]) if values.any()]
+    assert [r["slice_index"] for r in rows_of_volume] == kept
+    np.testing.assert_allclose(pixels, expected[geometry.slice_indices.index(row["slice_index"]), 0].numpy(), atol=2e-3, rtol=1e-3)
+
+    total_rows = sum(pq.read_metadata(tmp_path / name).num_rows for counts in manifest["sources"].values() for name in counts["files"])
+    assert total_rows == manifest["slices"]
+    again = prepare_corpus([sources / "synthetic", sources / "bids"], tmp_path, size=64, progress=False)
+    assert again == manifest  # nothing left to do: a re-run changes nothing
+
+
+def test_resume_after_sigkill_loses_and_doubles_nothing(sources, tmp_path):
+    reference = prepare_corpus([sources / "synthetic"], tmp_path / "reference", size=64, volumes_per_shard=1, progress=False)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "braindino.train.cli", "prepare-data", str(sources / "synthetic"), "--out", str(out),
+               "--size", "64", "--volumes-per-shard", "1", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = len(list((out / "shards").glob("*.json")))
+    assert 3 <= finished_before < 12, "the run must be killed part-way"
+    assert not (out / "manifest.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["slices"] == reference["slices"] and manifest["volumes"] == reference["volumes"] == 12
+    records = [json.loads(path.read_text()) for path in (out / "shards").glob("*.json")]
+    paths = [volume["path"] for record in records for volume in record["volumes"]]
+    assert len(paths) == len(set(paths)) == 12
+    assert not list(out.rglob("*.tmp"))
+    rows = sum(pq.read_metadata(out / name).num_rows for name in manifest["sources"]["synthetic"]["files"])
+    assert rows == reference["slices"]
