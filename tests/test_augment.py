@@ -1,0 +1,122 @@
+"""Multi-crop pieces checked against direct formulas: crop geometry, flips, blur, intensity changes
+that leave the background alone, and iBOT block masks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from braindino.train.augment import (
+    MultiCropCollator,
+    MultiCropConfig,
+    augment_intensity,
+    block_mask,
+    crop,
+    foreground_boxes,
+    gaussian_blur,
+    sample_crop_boxes,
+)
+
+
+def _rows(slices: np.ndarray) -> list[dict]:
+    return [{"pixels": s.astype(np.float16).tobytes(), "height": s.shape[0], "width": s.shape[1]} for s in slices]
+
+
+def _brain_like(batch=4, size=64, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    slices = np.zeros((batch, size, size), np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    for index in range(batch):
+        inside = ((yy - size / 2) / (size * 0.35)) ** 2 + ((xx - size / 2) / (size * 0.28)) ** 2 < 1
+        slices[index][inside] = rng.normal(0.5, 1.0, inside.sum())
+    return slices
+
+
+def test_full_crop_without_flip_is_the_whole_slice():
+    slices = torch.from_numpy(_brain_like(2, 32))
+    theta = sample_crop_boxes(torch.tensor([[-1.0, -1.0, 1.0, 1.0]] * 2), count=1, scale=(1.0, 1.0), flip_probability=0.0)
+    theta[:, 0, 0], theta[:, 1, 1] = 1.0, 1.0  # aspect 1, centred: the full field of view
+    theta[:, :, 2] = 0.0
+    torch.testing.assert_close(crop(slices, theta, 32)[:, 0], slices, atol=1e-5, rtol=1e-5)
+    theta[:, 0, 0] = -1.0  # a flip mirrors columns
+    torch.testing.assert_close(crop(slices, theta, 32)[:, 0], slices.flip(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_crop_boxes_respect_scale_aspect_and_bounds():
+    torch.manual_seed(0)
+    boxes = foreground_boxes(torch.from_numpy(_brain_like(8, 64)))
+    theta = sample_crop_boxes(boxes, count=50, scale=(0.05, 0.32), flip_probability=0.5)
+    half_width, half_height = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    area = half_width * half_height  # fraction of the slice (side 2 x 2 = area 4)
+    assert area.min() >= 0.05 - 1e-6 and area.max() <= 0.32 + 1e-6
+    ratio = half_width / half_height
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    assert torch.all(theta[:, 0, 2].abs() + half_width <= 1 + 1e-6)  # inside the slice
+    assert torch.all(theta[:, 1, 2].abs() + half_height <= 1 + 1e-6)
+    assert 0.3 < (theta[:, 0, 0] < 0).float().mean() < 0.7  # about half flipped
+
+
+def test_foreground_box_matches_the_nonzero_extent():
+    slices = torch.zeros(2, 20, 40)
+    slices[0, 5:10, 8:30] = 1.0
+    boxes = foreground_boxes(slices)
+    ys, xs = torch.linspace(-1, 1, 20), torch.linspace(-1, 1, 40)
+    torch.testing.assert_close(boxes[0], torch.stack([ys[5], xs[8], ys[9], xs[29]]))
+    torch.testing.assert_close(boxes[1], torch.tensor([-1.0, -1.0, 1.0, 1.0]))  # empty slice: all of it
+
+
+def test_blur_matches_scipy_per_image_sigma():
+    images = torch.from_numpy(_brain_like(3, 40)).unsqueeze(1)
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    blurred = gaussian_blur(images, sigma)
+    for index in range(3):
+        radius = int(np.ceil(3 * float(sigma.max())))
+        expected = ndimage.gaussian_filter(images[index, 0].numpy().astype(np.float64), float(sigma[index]),
+                                           mode="mirror", truncate=radius / float(sigma[index]))
+        np.testing.assert_allclose(blurred[index, 0].numpy(), expected, atol=1e-4)
+
+
+def test_intensity_augmentation_keeps_the_background_and_changes_the_brain():
+    torch.manual_seed(0)
+    crops = torch.from_numpy(_brain_like(16, 32)).unsqueeze(1)
+    config = MultiCropConfig(augment_probability=1.0)
+    augmented = augment_intensity(crops, config, blur_probability=1.0)
+    assert torch.all(augmented[crops == 0] == 0)
+    assert torch.isfinite(augmented).all()
+    changed = (augmented - crops).abs()[crops != 0].mean()
+    assert changed > 0.05
+    # with every augmentation off, nothing changes
+    quiet = MultiCropConfig(augment_probability=0.0)
+    torch.testing.assert_close(augment_intensity(crops, quiet, blur_probability=0.0), crops)
+
+
+def test_block_masks_hit_their_targets_in_blocks():
+    rng = np.random.default_rng(0)
+    for target in (20, 50, 98):
+        mask = block_mask(14, 14, target, rng)
+        assert 0.7 * target <= mask.sum() <= target
+        labels, regions = ndimage.label(mask)
+        assert regions < target / 3  # contiguous blocks, not scattered patches
+
+
+def test_collator_shapes_channels_and_mask_shares():
+    torch.manual_seed(0)
+    config = MultiCropConfig(global_crop_size=64, local_crop_size=32, local_crops_number=3)
+    batch = MultiCropCollator(config)(_rows(_brain_like(6, 80)))
+    assert batch["global_crops"].shape == (12, 3, 64, 64)
+    assert batch["local_crops"].shape == (18, 3, 32, 32)
+    assert torch.equal(batch["global_crops"][:, 0], batch["global_crops"][:, 2])  # the grey slice, repeated
+    masks = batch["masks"]
+    assert masks.shape == (12, 16)
+    masked = masks.any(dim=1)
+    assert masked.sum() == 6  # half of the global crops
+    ratios = masks[masked].float().mean(dim=1)
+    assert ratios.max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("local_crops_number", [0, 2])
+def test_collator_without_local_crops(local_crops_number):
+    config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=local_crops_number)
+    batch = MultiCropCollator(config)(_rows(_brain_like(2, 48)))
+    assert batch["local_crops"].shape == (2 * local_crops_number, 3, 16, 16)
