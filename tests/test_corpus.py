@@ -110,3 +110,18 @@ def test_resume_after_sigkill_loses_and_doubles_nothing(sources, tmp_path):
     assert not list(out.rglob("*.tmp"))
     rows = sum(pq.read_metadata(out / name).num_rows for name in manifest["sources"]["synthetic"]["files"])
     assert rows == reference["slices"]
+
+
+def test_parallel_prepare_after_torch_has_run_in_this_process(sources, tmp_path):
+    """A forked worker deadlocks once the parent has used torch's thread pool; worker pools must spawn."""
+    script = (
+        "import torch, sys\n"
+        "torch.nn.functional.interpolate(torch.rand(8, 1, 256, 256), size=(300, 300), mode='bilinear')\n"
+        "from braindino.train.corpus import prepare_corpus\n"
+        f"manifest = prepare_corpus([{str(sources / 'synthetic')!r}], {str(tmp_path)!r}, size=32, volumes_per_shard=2,"
+        " workers=2, progress=False)\n"
+        "print('volumes', manifest['volumes'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "volumes 12" in result.stdout

@@ -55,6 +55,34 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .augment import MultiCropConfig
+    from .data import multicrop_loader, slice_stream
+    from .preview import save_crop_preview
+
+    torch.manual_seed(args.seed)
+    config = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size,
+                             local_crops_number=args.local_crops)
+    stream = slice_stream(args.corpus, seed=args.seed, shuffle_buffer=args.shuffle_buffer)
+    loader = multicrop_loader(stream, batch_size=args.batch_size, config=config, num_workers=args.workers, seed=args.seed)
+    for epoch in range(args.epochs):
+        stream.set_epoch(epoch)
+        started, samples, batches = time.perf_counter(), 0, 0
+        for batch in loader:
+            if epoch == 0 and batches == 0 and args.preview:
+                print(f"  preview of the first sample's crops → {save_crop_preview(batch, args.preview)}")
+            samples += batch["batch_size"]
+            batches += 1
+        seconds = time.perf_counter() - started
+        print(f"epoch {epoch}: {batches} batches, {samples} samples, {samples / max(seconds, 1e-9):.1f} samples/s "
+              f"(global {tuple(batch['global_crops'].shape)}, local {tuple(batch['local_crops'].shape)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="BrainDINO brain-MRI foundation model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--volumes-per-shard", type=int, default=8)
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     prepare.set_defaults(run=_prepare_data)
+
+    stream = commands.add_parser("stream", help="run the streaming multi-crop loader over a corpus and report")
+    stream.add_argument("corpus", help="a folder written by prepare-data")
+    stream.add_argument("--epochs", type=int, default=1)
+    stream.add_argument("--batch-size", type=int, default=32)
+    stream.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    stream.add_argument("--shuffle-buffer", type=int, default=1000)
+    stream.add_argument("--global-size", type=int, default=224)
+    stream.add_argument("--local-size", type=int, default=96)
+    stream.add_argument("--local-crops", type=int, default=8)
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--preview", help="save a PNG of the first sample's crops and mask here")
+    stream.set_defaults(run=_stream)
     return parser
 
 

@@ -13,6 +13,7 @@ has a JSON record; a re-run skips every volume already recorded and cleans stale
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -190,7 +191,8 @@ def prepare_corpus(
 
     bar = tqdm(total=sum(len(entries) for _, entries in jobs), unit="volume", desc="prepare-data", disable=not progress)
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        # spawn, not fork: a fork after torch has run its thread pool in this process deadlocks the child
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(write_shard, name, entries, str(out_dir), size): entries for name, entries in jobs}
             for future in as_completed(futures):
                 records.append(future.result())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -204,7 +205,7 @@ def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tu
     out_dir.mkdir(parents=True, exist_ok=True)
     arguments = [(index, seed, str(out_dir), tumor_fraction, disease_fraction, resolution) for index in range(subjects)]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # fork can deadlock
             rows = list(pool.map(synthesize_subject, *zip(*arguments)))
     else:
         rows = [synthesize_subject(*argument) for argument in arguments]
