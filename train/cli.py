@@ -35,7 +35,7 @@ def _synth(args: argparse.Namespace) -> int:
     print(f"writing {args.subjects} SYNTHETIC subjects (MNI152 anatomy, randomly deformed) to {args.out}")
     labels = write_synthetic_corpus(
         args.out, args.subjects, seed=args.seed, tumor_fraction=args.tumor_fraction,
-        disease_fraction=args.disease_fraction, workers=args.workers,
+        disease_fraction=args.disease_fraction, workers=args.workers, first_index=args.first_index,
     )
     print(f"wrote {labels}")
     return 0
@@ -83,9 +83,24 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="BrainDINO brain-MRI foundation model tools")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    quickstart = commands.add_parser("quickstart", help="the main job, end to end on the embedded SYNTHETIC data")
+    quickstart.add_argument("--out", default="outputs/quickstart")
+    quickstart.add_argument("--subjects", type=int, default=8)
+    quickstart.add_argument("--held-out", type=int, default=2)
+    quickstart.add_argument("--seed", type=int, default=0)
+    quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    quickstart.set_defaults(run=_quickstart)
 
     extract = commands.add_parser("extract-features", help="encode NIfTI volumes with a frozen backbone")
     extract.add_argument("files", nargs="*", help=".nii / .nii.gz volumes")
@@ -103,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--tumor-fraction", type=float, default=0.5, help="share of subjects with a tumour")
     synth.add_argument("--disease-fraction", type=float, default=0.5, help="share with the disease atrophy pattern")
+    synth.add_argument("--first-index", type=int, default=0, help="number subjects from here (held-out sets)")
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.set_defaults(run=_synth)
 

@@ -199,11 +199,17 @@ def synthesize_subject(index: int, seed: int, out_dir: str, tumor_fraction: floa
 
 
 def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tumor_fraction: float = 0.5,
-                           disease_fraction: float = 0.5, workers: int = 1, resolution: int = 2) -> Path:
-    """Write `subjects` synthetic subjects (BraTS-style folders) and `labels.csv`; return the CSV path."""
+                           disease_fraction: float = 0.5, workers: int = 1, resolution: int = 2,
+                           first_index: int = 0) -> Path:
+    """Write `subjects` synthetic subjects (BraTS-style folders) and `labels.csv`; return the CSV path.
+
+    Subjects are numbered from `first_index`, so a held-out set written with the same seed and a later
+    `first_index` holds different subjects with different names.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    arguments = [(index, seed, str(out_dir), tumor_fraction, disease_fraction, resolution) for index in range(subjects)]
+    indices = range(first_index, first_index + subjects)
+    arguments = [(index, seed, str(out_dir), tumor_fraction, disease_fraction, resolution) for index in indices]
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # fork can deadlock
             rows = list(pool.map(synthesize_subject, *zip(*arguments)))
@@ -217,7 +223,7 @@ def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tu
     (out_dir / "dataset_description.json").write_text(json.dumps({
         "Name": "BrainDINO synthetic corpus (SYNTHETIC DATA, not real subjects)",
         "synthetic": True,
-        "GeneratedBy": [{"Name": "braindino synth", "seed": seed, "subjects": subjects,
+        "GeneratedBy": [{"Name": "braindino synth", "seed": seed, "subjects": subjects, "first_index": first_index,
                          "tumor_fraction": tumor_fraction, "disease_fraction": disease_fraction}],
         "Anatomy": "nilearn MNI152 tissue templates, randomly deformed",
         "SegmentationLabels": BRATS_LABELS,
