@@ -3,15 +3,17 @@
 Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
 
 from .configuration_braindino import BRAINDINO_PRESETS, BrainDinoConfig
 from .convert_natural_image_weights import braindino_from_dinov2, braindino_from_dinov3
 from .image_processing_braindino import BrainDinoImageProcessor, SliceGeometry
 from .modeling_braindino import (
+    BrainDinoForPreTraining,
     BrainDinoModel,
     BrainDinoModelOutput,
     BrainDinoPreTrainedModel,
+    BrainDinoPreTrainingOutput,
     BrainDinoSliceEmbeddings,
 )
 from .volume_io import BrainDinoInputError, BrainVolume, load_volume
@@ -20,22 +22,26 @@ __version__ = "0.1.0"
 
 AutoConfig.register(BrainDinoConfig.model_type, BrainDinoConfig, exist_ok=True)
 AutoModel.register(BrainDinoConfig, BrainDinoModel, exist_ok=True)
+AutoModelForPreTraining.register(BrainDinoConfig, BrainDinoForPreTraining, exist_ok=True)
 AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": BrainDinoImageProcessor}, exist_ok=True)
 
 # Saved folders carry `auto_map` and these module files, so they load with `trust_remote_code=True`
 # where this package is not installed.
 BrainDinoConfig.register_for_auto_class()
 BrainDinoModel.register_for_auto_class("AutoModel")
+BrainDinoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "BRAINDINO_PRESETS",
     "BrainDinoConfig",
+    "BrainDinoForPreTraining",
     "BrainDinoImageProcessor",
     "BrainDinoInputError",
     "BrainDinoModel",
     "BrainDinoModelOutput",
     "BrainDinoPreTrainedModel",
+    "BrainDinoPreTrainingOutput",
     "BrainDinoSliceEmbeddings",
     "BrainVolume",
     "SliceGeometry",

@@ -7,7 +7,9 @@ from transformers import PretrainedConfig
 # Width, depth and heads of each size preset; everything else keeps the constructor's defaults.
 # `base` is the paper's backbone (DINOv3 ViT-B/16); `tiny` exists for CPU tests and demos.
 BRAINDINO_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3},
+    # tiny also scales the pretraining heads down (DINOv3's 65,536 prototypes are far too many for a CPU run)
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3,
+             "head_hidden_size": 512, "head_bottleneck_size": 128, "num_prototypes": 1024},
     "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
     "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
@@ -50,6 +52,11 @@ class BrainDinoConfig(PretrainedConfig):
         rope_jitter_coords (`float`, *optional*): in training mode only, per-axis log-uniform scaling.
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal weight init.
         freeze_backbone (`bool`, defaults to `True`): task heads keep the backbone frozen.
+        head_hidden_size (`int`, defaults to 2048): hidden width of the DINO and iBOT projection heads.
+        head_bottleneck_size (`int`, defaults to 256): bottleneck width before the prototypes.
+        head_num_layers (`int`, defaults to 3): MLP layers of each projection head.
+        num_prototypes (`int`, defaults to 65536): prototypes of the DINO head and of the iBOT head
+            (DINOv3's default; the `tiny` preset uses 1024).
     """
 
     model_type = "braindino"
@@ -77,6 +84,10 @@ class BrainDinoConfig(PretrainedConfig):
         rope_jitter_coords: float | None = None,
         initializer_range: float = 0.02,
         freeze_backbone: bool = True,
+        head_hidden_size: int = 2048,
+        head_bottleneck_size: int = 256,
+        head_num_layers: int = 3,
+        num_prototypes: int = 65536,
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -107,6 +118,10 @@ class BrainDinoConfig(PretrainedConfig):
         self.rope_jitter_coords = rope_jitter_coords
         self.initializer_range = initializer_range
         self.freeze_backbone = freeze_backbone
+        self.head_hidden_size = head_hidden_size
+        self.head_bottleneck_size = head_bottleneck_size
+        self.head_num_layers = head_num_layers
+        self.num_prototypes = num_prototypes
         super().__init__(**kwargs)
 
     @classmethod

@@ -429,3 +429,93 @@ def unfold_volume(value, volume_shape: torch.Size):
     if isinstance(value, tuple):
         return tuple(unfold_volume(item, volume_shape) for item in value)
     return value.unflatten(0, volume_shape)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+@dataclass
+class BrainDinoPreTrainingOutput(ModelOutput):
+    """
+    Output of [`BrainDinoForPreTraining`]. Losses are computed in `braindino.train.losses`.
+
+    Args:
+        cls_logits (`(B, K)`): DINO-head prototype scores of the CLS tokens.
+        masked_patch_logits (`(M, K)`, *optional*): iBOT-head prototype scores of the `M` patches selected
+            by `patch_positions` (all images together, row-major within each image).
+        cls_tokens (`(B, D)`): backbone CLS tokens (KoLeo acts on these).
+        patch_tokens (`(B, N, D)`): backbone patch tokens (Gram anchoring acts on these).
+    """
+
+    cls_logits: torch.Tensor | None = None
+    masked_patch_logits: torch.Tensor | None = None
+    cls_tokens: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+
+
+class BrainDinoProjectionHead(nn.Module):
+    """DINO/iBOT head: MLP → bottleneck → L2 normalisation → cosine scores against unit-norm prototypes
+    (weight normalisation with the gain fixed at 1, DINO's `norm_last_layer`)."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.hidden_size
+        for _ in range(config.head_num_layers - 1):
+            layers += [nn.Linear(width, config.head_hidden_size), nn.GELU()]
+            width = config.head_hidden_size
+        layers.append(nn.Linear(width, config.head_bottleneck_size))
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.head_bottleneck_size))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        bottleneck = F.normalize(self.mlp(tokens), dim=-1, eps=1e-6)  # [..., bottleneck]
+        return bottleneck @ F.normalize(self.prototypes, dim=-1).T  # [..., K]
+
+
+class BrainDinoForPreTraining(BrainDinoPreTrainedModel):
+    """
+    The backbone with DINOv3's two pretraining heads: a DINO head on the CLS token and a separate iBOT
+    head on (masked) patch tokens. The student and the EMA teacher are both this class. Its checkpoint is
+    a normal `save_pretrained` folder; `save_backbone` exports the released `BrainDinoModel` alone, and
+    the heads stay in the full folder for anyone continuing pretraining.
+    """
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__(config)
+        self.braindino = BrainDinoModel(config)
+        self.dino_head = BrainDinoProjectionHead(config)
+        self.ibot_head = BrainDinoProjectionHead(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, BrainDinoProjectionHead):
+            nn.init.trunc_normal_(module.prototypes, std=self.config.initializer_range)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+    ) -> BrainDinoPreTrainingOutput:
+        r"""
+        pixel_values (`(B, C, H, W)`): one crop size per call.
+        bool_masked_pos (`(B, N)` bool, *optional*): patches the student sees as mask tokens.
+        patch_positions (`(B, N)` bool, *optional*): patches whose iBOT scores to return; the student passes
+            its mask, the teacher (which sees the unmasked crop) the same mask.
+        """
+        output = self.braindino(pixel_values, bool_masked_pos=bool_masked_pos)
+        masked_patch_logits = None
+        if patch_positions is not None:
+            masked_patch_logits = self.ibot_head(output.patch_tokens[patch_positions])  # [M, K]
+        return BrainDinoPreTrainingOutput(
+            cls_logits=self.dino_head(output.pooler_output),
+            masked_patch_logits=masked_patch_logits,
+            cls_tokens=output.pooler_output,
+            patch_tokens=output.patch_tokens,
+        )
+
+    def save_backbone(self, save_directory, **kwargs) -> None:
+        """Write the backbone alone as a `BrainDinoModel` folder (what users load with `AutoModel`)."""
+        self.braindino.save_pretrained(save_directory, **kwargs)

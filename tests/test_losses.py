@@ -1,0 +1,95 @@
+"""Each loss against the slow formula in its docstring, on small tensors."""
+
+import math
+
+import torch
+
+from braindino.train.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+
+
+def test_sinkhorn_knopp_rows_sum_to_one_and_prototypes_are_balanced():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 16) * 0.5 + torch.linspace(0, 1, 16)  # some prototypes favoured
+    targets = sinkhorn_knopp(logits, temperature=0.1, iterations=10)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(64))
+    marginal = targets.mean(dim=0)
+    assert (marginal - 1 / 16).abs().max() < 0.01  # nearly uniform use of prototypes
+    plain = torch.softmax(logits / 0.1, dim=-1).mean(dim=0)
+    assert (plain - 1 / 16).abs().max() > 0.05  # without centring they are not
+
+
+def test_sinkhorn_knopp_matches_the_loop_definition():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 4)
+    q = torch.exp(logits / 0.5).T.double()
+    q /= q.sum()
+    for _ in range(3):
+        for k in range(4):
+            q[k] /= q[k].sum() * 4
+        for b in range(5):
+            q[:, b] /= q[:, b].sum() * 5
+    expected = (q * 5).T.float()
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.5, iterations=3), expected)
+
+
+def test_dino_loss_matches_the_pair_loop():
+    torch.manual_seed(2)
+    batch, prototypes, global_views, local_views = 3, 7, 2, 2
+    student = torch.randn((global_views + local_views) * batch, prototypes)
+    teacher = torch.softmax(torch.randn(global_views * batch, prototypes), dim=-1)
+    terms = []
+    for u in range(global_views + local_views):
+        for v in range(global_views):
+            if u == v:
+                continue
+            log_probs = torch.log_softmax(student[u * batch : (u + 1) * batch] / 0.1, dim=-1)
+            terms.append(-(teacher[v * batch : (v + 1) * batch] * log_probs).sum(dim=-1).mean())
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(DinoClsTokenLoss(0.1)(student, teacher), expected)
+
+
+def test_ibot_loss_weights_every_masked_image_equally():
+    torch.manual_seed(3)
+    masks = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    count = int(masks.sum())
+    student = torch.randn(count, 6)
+    teacher = torch.softmax(torch.randn(count, 6), dim=-1)
+    image_of_patch = masks.nonzero()[:, 0]
+    total = 0.0
+    for m in range(count):
+        n = int(masks[image_of_patch[m]].sum())
+        total += (1 / n) * float(-(teacher[m] * torch.log_softmax(student[m] / 0.1, dim=-1)).sum())
+    expected = total / 2  # two images have masked patches
+    assert math.isclose(float(IBotPatchLoss(0.1)(student, teacher, masks)), expected, rel_tol=1e-5)
+    nothing = IBotPatchLoss()(student[:0], teacher[:0], torch.zeros(2, 5, dtype=torch.bool))
+    assert float(nothing) == 0.0
+
+
+def test_koleo_matches_nearest_neighbour_loop_and_is_safe_at_batch_one():
+    torch.manual_seed(4)
+    embeddings = torch.randn(6, 8)
+    normalized = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    nearest = [min(float((normalized[i] - normalized[j]).norm()) for j in range(6) if j != i) for i in range(6)]
+    expected = -sum(math.log(d + 1e-8) for d in nearest) / 6
+    assert math.isclose(float(KoLeoLoss()(embeddings)), expected, rel_tol=1e-5)
+    single = KoLeoLoss()(torch.randn(1, 8, requires_grad=True))
+    assert float(single) == 0.0 and not torch.isnan(single)
+    single.backward()  # still differentiable
+
+
+def test_gram_loss_matches_the_element_loop_and_ignores_feature_scale():
+    torch.manual_seed(5)
+    student, teacher = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    s = student / student.norm(dim=-1, keepdim=True)
+    t = teacher / teacher.norm(dim=-1, keepdim=True)
+    total = sum(float((s[b, i] @ s[b, j] - t[b, i] @ t[b, j]) ** 2) for b in range(2) for i in range(4) for j in range(4))
+    assert math.isclose(float(GramLoss()(student, teacher)), total / 32, rel_tol=1e-5)
+    assert float(GramLoss()(student * 3.0, student)) < 1e-10
+
+
+def test_softmax_centering_moves_the_centre_towards_the_batch_mean():
+    centering = SoftmaxCentering(num_prototypes=3, momentum=0.5)
+    logits = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 2.0]])
+    targets = centering(logits, temperature=1.0)
+    torch.testing.assert_close(targets, torch.softmax(logits, dim=-1))  # first call: centre was 0
+    torch.testing.assert_close(centering.center, torch.tensor([[1.0, 0.0, 0.5]]))

@@ -1,0 +1,9 @@
+"""Self-distillation losses, one per module: DINO CLS, iBOT masked patches, KoLeo, Gram anchoring."""
+
+from .centering import SoftmaxCentering, sinkhorn_knopp
+from .dino_clstoken_loss import DinoClsTokenLoss
+from .gram_loss import GramLoss
+from .ibot_patch_loss import IBotPatchLoss
+from .koleo_loss import KoLeoLoss
+
+__all__ = ["DinoClsTokenLoss", "GramLoss", "IBotPatchLoss", "KoLeoLoss", "SoftmaxCentering", "sinkhorn_knopp"]
