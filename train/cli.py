@@ -90,6 +90,12 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braindino", description="BrainDINO brain-MRI foundation model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--preview", help="save a PNG of the first sample's crops and mask here")
     stream.set_defaults(run=_stream)
+
+    from .pretrain import add_arguments
+
+    pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretrain)")
+    add_arguments(pretrain)
+    pretrain.set_defaults(run=_pretrain)
     return parser
 
 
