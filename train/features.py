@@ -43,6 +43,17 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
     return Backbone(model=model, processor=processor, description=description, random_init=preset is not None)
 
 
+def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size: int = 32) -> "np.ndarray":
+    """The paper's subject embedding for each volume, in memory: the mean of its slices' CLS tokens, `(V, D)`."""
+    import numpy as np
+
+    embeddings = []
+    for path in tqdm(paths, desc="embedding", unit="volume", leave=False):
+        pixel_values, _ = backbone.processor.preprocess_volume(path)
+        embeddings.append(backbone.model.encode_slices(pixel_values, slice_batch_size).cls_tokens.mean(dim=0).float().numpy())
+    return np.stack(embeddings)
+
+
 def extract_features(
     paths: list[str | Path], backbone: Backbone, out_dir: str | Path, slice_batch_size: int = 32
 ) -> dict:

@@ -81,6 +81,7 @@ class PretrainConfig:
     log_every: int = 10
     seed: int = 0
     tracker: str | None = "tensorboard"
+    time_limit_minutes: float | None = None  # stop early (checkpoint + export) once this much wall time has passed
 
     @classmethod
     def load(cls, path_or_recipe: str, **overrides) -> "PretrainConfig":
@@ -342,10 +343,17 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                                  img_s=f"{images_seen / (time.perf_counter() - started):.1f}")
         if config.tracker and (iteration + 1) % config.log_every == 0:
             accelerator.log({k: v for k, v in record.items() if v is not None and k != "iteration"}, step=iteration + 1)
-        if (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations:
+        out_of_time = config.time_limit_minutes is not None and (time.perf_counter() - started) > 60 * config.time_limit_minutes
+        if accelerator.num_processes > 1:  # every rank stops at the same iteration
+            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), reduction="sum") > 0)
+        if (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations or out_of_time:
             save_checkpoint(accelerator, output_dir, iteration + 1, teacher, gram_teacher, centering, batches, config)
+        if out_of_time:
+            accelerator.print(f"time limit of {config.time_limit_minutes} min reached after {iteration + 1} iterations")
+            break
 
-    summary = {"iterations": config.iterations, "seconds": time.perf_counter() - started}
+    summary = {"iterations": iteration + 1 if config.iterations > start_iteration else start_iteration,
+               "seconds": time.perf_counter() - started}
     if accelerator.is_main_process:
         final = output_dir / "final"
         accelerator.unwrap_model(wrapped).model.save_pretrained(final / "student")
@@ -419,6 +427,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
+    parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
 
 
@@ -427,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
     config = PretrainConfig.load(args.config, corpus=args.corpus, output_dir=args.output_dir, iterations=args.iterations,
                                  batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                                  num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
-                                 init_format=args.init_format, mixed_precision=args.mixed_precision)
+                                 init_format=args.init_format, mixed_precision=args.mixed_precision,
+                                 time_limit_minutes=args.time_limit_minutes)
     if args.tracker is not None:
         config.tracker = tracker
     if not config.corpus:
