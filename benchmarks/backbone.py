@@ -11,16 +11,12 @@ before it), because allocator caching makes sequential measurements in one proce
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from memory import child_peak_increase, report_peak_increase, rss_mib
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from braindino import BrainDinoModel, braindino_from_dinov3
@@ -44,13 +40,6 @@ def forward_seconds(model: torch.nn.Module, pixel_values: torch.Tensor) -> float
     return time.perf_counter() - started
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_worker(which: str, folder: str, batch: int, size: int) -> None:
     """Child process: load one model, run one forward, print its peak RSS increase in MiB."""
     model = DINOv3ViTModel.from_pretrained(folder + "/theirs") if which == "theirs" else BrainDinoModel.from_pretrained(folder + "/ours")
@@ -59,8 +48,7 @@ def memory_worker(which: str, folder: str, batch: int, size: int) -> None:
     before = rss_mib()
     with torch.inference_mode():
         model(pixel_values)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_increase_mib": peak - before}))
+    report_peak_increase(before)
 
 
 def main() -> None:
@@ -94,13 +82,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder + "/ours")
         theirs.save_pretrained(folder + "/theirs")
-        memory = {}
-        for which in ("ours", "theirs"):
-            result = subprocess.run(
-                [sys.executable, __file__, "--worker", which, "--folder", folder, "--batch", str(args.batch), "--size", str(args.size)],
-                capture_output=True, text=True, check=True,
-            )
-            memory[which] = json.loads(result.stdout.strip().splitlines()[-1])["peak_increase_mib"]
+        memory = {
+            which: child_peak_increase(__file__, "--worker", which, "--folder", folder, "--batch", str(args.batch),
+                                       "--size", str(args.size))
+            for which in ("ours", "theirs")
+        }
 
     print(f"ViT-S/16, batch {args.batch} at {args.size} px, fp32, CPU ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, median of {args.repeats}")

@@ -11,11 +11,12 @@ from PIL import Image
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
     result = subprocess.run(
-        [sys.executable, "-m", "braindino.train.cli", "quickstart", "--out", str(out), "--subjects", "2", "--held-out", "1"],
+        [sys.executable, "-m", "braindino.train.cli", "quickstart", "--out", str(out), "--subjects", "2", "--held-out", "1",
+         "--pretrain-minutes", "0.25"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[4/4]" in result.stdout and "SYNTHETIC" in result.stdout
+    assert "[5/5]" in result.stdout and "SYNTHETIC" in result.stdout
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "slice corpus: 8 volumes" in report
     assert Image.open(out / "crops.png").size == (448, 224 + 112)
@@ -23,5 +24,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(features["volumes"]) == 2 and not features["failed"]  # one held-out scan + the MNI152 template
     assert Path(features["volumes"][0]["source"]).name == "synthetic-0002_t1.nii.gz"  # held out: numbered after training
     assert all(volume["num_slices"] == 128 for volume in features["volumes"])
+    assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
+    assert "pretraining:" in report
     assert set(json.loads((out / "timings.json").read_text())) == {
-        "synthetic corpus", "prepare-data", "loader epoch", "feature extraction"}
+        "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction"}

@@ -86,7 +86,8 @@ def _stream(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers)
+    run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers,
+                   pretrain_minutes=args.pretrain_minutes)
     return 0
 
 
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--subjects", type=int, default=8)
     quickstart.add_argument("--held-out", type=int, default=2)
     quickstart.add_argument("--seed", type=int, default=0)
+    quickstart.add_argument("--pretrain-minutes", type=float, default=3.0, help="wall-time budget of the pretraining step")
     quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     quickstart.set_defaults(run=_quickstart)
 

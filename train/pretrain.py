@@ -188,6 +188,46 @@ class RowBatches:
         raise RuntimeError(f"{self.config.corpus}: this rank's share holds fewer than one batch of {self.config.batch_size}")
 
 
+class SSLLosses(nn.Module):
+    """The loss modules of one recipe."""
+
+    def __init__(self, student_temperature: float):
+        super().__init__()
+        self.dino = DinoClsTokenLoss(student_temperature)
+        self.ibot = IBotPatchLoss(student_temperature)
+        self.koleo = KoLeoLoss()
+        self.gram = GramLoss()
+
+
+def ssl_losses(student: nn.Module, teacher: BrainDinoForPreTraining, gram_teacher: BrainDinoForPreTraining | None,
+               centering: SoftmaxCentering | None, losses: SSLLosses, batch: dict, temperature: float,
+               num_global: int) -> dict[str, torch.Tensor]:
+    """One step's losses: teacher targets on the global crops (Sinkhorn-Knopp or softmax centring), the
+    student on global (masked) and local crops, DINO + iBOT + KoLeo, and Gram anchoring with a Gram teacher."""
+    global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    with torch.no_grad():
+        teacher_output = teacher(global_crops, patch_positions=masks)
+        if centering is None:
+            cls_targets = sinkhorn_knopp(teacher_output.cls_logits, temperature)
+            patch_targets = sinkhorn_knopp(teacher_output.masked_patch_logits, temperature)
+        else:
+            cls_targets = centering(teacher_output.cls_logits, temperature)
+            patch_targets = torch.softmax(teacher_output.masked_patch_logits.float() / temperature, dim=-1)
+        gram_targets = gram_teacher.braindino(global_crops).patch_tokens if gram_teacher is not None else None
+    global_output, local_output = student(global_crops, local_crops, masks)
+    student_cls = global_output.cls_logits
+    if local_output is not None:
+        student_cls = torch.cat([student_cls, local_output.cls_logits])  # [(2 + N) * B, K], crop-major
+    values = {
+        "dino": losses.dino(student_cls, cls_targets, num_global),
+        "ibot": losses.ibot(global_output.masked_patch_logits, patch_targets, masks),
+        "koleo": torch.stack([losses.koleo(view) for view in global_output.cls_tokens.chunk(num_global)]).mean(),
+    }
+    if gram_targets is not None:
+        values["gram"] = losses.gram(global_output.patch_tokens, gram_targets)
+    return values
+
+
 def make_batch(collator: MultiCropCollator, rows: list[dict], seed: int, rank: int, iteration: int, device) -> dict:
     """Multi-crop views for one step; their randomness depends only on (seed, rank, iteration)."""
     with torch.random.fork_rng(devices=[]):
@@ -244,8 +284,9 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
         gram_teacher.to(accelerator.device)
 
     centering = SoftmaxCentering(model_config.num_prototypes).to(accelerator.device) if config.centering == "softmax" else None
-    dino_loss, ibot_loss = DinoClsTokenLoss(config.student_temperature), IBotPatchLoss(config.student_temperature)
-    koleo_loss, gram_loss = KoLeoLoss(), GramLoss()
+    loss_modules = SSLLosses(config.student_temperature)
+    loss_weights = {"dino": config.dino_loss_weight, "ibot": config.ibot_loss_weight,
+                    "koleo": config.koleo_loss_weight, "gram": config.gram_loss_weight}
     schedules = build_schedules(config, config.batch_size * world_size)
     crops = MultiCropConfig(global_crop_size=config.global_crop_size, local_crop_size=config.local_crop_size,
                             local_crops_number=config.local_crops_number, patch_size=model_config.patch_size,
@@ -285,32 +326,13 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     for iteration in progress:
         rows = next(batches)
         batch = make_batch(collator, rows, config.seed, rank, iteration, accelerator.device)
-        global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         num_global = crops.global_crops_number
         temperature = float(schedules.teacher_temperature[iteration])
 
         with accelerator.autocast():
-            with torch.no_grad():
-                teacher_output = teacher(global_crops, patch_positions=masks)
-                if centering is None:
-                    cls_targets = sinkhorn_knopp(teacher_output.cls_logits, temperature)
-                    patch_targets = sinkhorn_knopp(teacher_output.masked_patch_logits, temperature)
-                else:
-                    cls_targets = centering(teacher_output.cls_logits, temperature)
-                    patch_targets = torch.softmax(teacher_output.masked_patch_logits.float() / temperature, dim=-1)
-                gram_targets = gram_teacher.braindino(global_crops).patch_tokens if gram_teacher is not None else None
-            global_output, local_output = wrapped(global_crops, local_crops, masks)
-            student_cls = global_output.cls_logits if local_output is None else torch.cat([global_output.cls_logits, local_output.cls_logits])
-            losses = {
-                "dino": dino_loss(student_cls, cls_targets, num_global),
-                "ibot": ibot_loss(global_output.masked_patch_logits, patch_targets, masks),
-                "koleo": torch.stack([koleo_loss(view) for view in global_output.cls_tokens.chunk(num_global)]).mean(),
-            }
-            if gram_targets is not None:
-                losses["gram"] = gram_loss(global_output.patch_tokens, gram_targets)
-            weights = {"dino": config.dino_loss_weight, "ibot": config.ibot_loss_weight,
-                       "koleo": config.koleo_loss_weight, "gram": config.gram_loss_weight}
-            loss = sum(weights[name] * value for name, value in losses.items())
+            losses = ssl_losses(wrapped, teacher, gram_teacher, centering, loss_modules, batch, temperature, num_global)
+            loss = sum(loss_weights[name] * value for name, value in losses.items())
 
         for group in optimizer.param_groups:
             group["lr"] = float(schedules.lr[iteration]) * group["lr_multiplier"]

@@ -1,8 +1,8 @@
 """`braindino quickstart`: the main job, end to end on the embedded SYNTHETIC data, with a short report.
 
 Today: synthetic corpus → slice corpus → one epoch of the streaming multi-crop loader (with a picture of
-the crops) → frozen features of held-out scans and of the real MNI152 template. Pretraining, heads,
-pipelines and the Space join this chain as they land.
+the crops) → a time-bounded pretraining of the tiny backbone → frozen features of held-out scans and of the
+real MNI152 template with that backbone. Heads, pipelines and the Space join this chain as they land.
 """
 
 from __future__ import annotations
@@ -19,20 +19,23 @@ def _step(number: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2) -> Path:
+def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2,
+                   pretrain_minutes: float = 3.0) -> Path:
     """Run every stage that exists into `out_dir`; return the report's path."""
     from .augment import MultiCropConfig
     from .corpus import prepare_corpus
     from .data import multicrop_loader, slice_stream
     from .example_data import write_mni152_t1
     from .features import extract_features, load_backbone
+    from .pretrain import PretrainConfig, pretrain
     from .preview import save_crop_preview
     from .synthetic import CONTRASTS, write_synthetic_corpus
 
     out_dir = Path(out_dir)
-    total = 4
+    total = 5
     timings = {}
-    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (a few minutes on a 2-core CPU)", flush=True)
+    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 2:.0f} minutes on a 2-core CPU)",
+          flush=True)
 
     started = _step(1, total, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
     write_synthetic_corpus(out_dir / "synthetic", subjects, seed=seed, workers=workers)
@@ -55,10 +58,17 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         samples += batch["batch_size"]
     timings["loader epoch"] = time.perf_counter() - started
 
-    started = _step(4, total, "frozen features of held-out scans and the MNI152 template")
+    started = _step(4, total, f"pretraining the tiny backbone for at most {pretrain_minutes:g} min (DINO + iBOT + KoLeo)")
+    recipe = PretrainConfig.load("tiny", corpus=str(out_dir / "corpus"), output_dir=str(out_dir / "pretrain"),
+                                 time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
+    trained = pretrain(recipe, resume=False)
+    losses = [json.loads(line)["loss"] for line in (out_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    timings["pretraining"] = time.perf_counter() - started
+
+    started = _step(5, total, "frozen features of held-out scans and the MNI152 template, pretrained backbone")
     held_out_scans = sorted((out_dir / "synthetic-heldout").glob(f"*/*_{CONTRASTS[0]}.nii.gz"))
     scans = held_out_scans + [write_mni152_t1(out_dir / "inputs")]
-    backbone = load_backbone(preset="tiny", num_slices=128)
+    backbone = load_backbone(trained["backbone"], num_slices=128)
     features = extract_features(scans, backbone, out_dir / "features")
     timings["feature extraction"] = time.perf_counter() - started
 
@@ -72,6 +82,9 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         f"- slice corpus: {manifest['volumes']} volumes → {manifest['slices']} slices in `corpus/`",
         f"- one loader epoch: {samples} multi-crop samples (2 x {config.global_crop_size} px + "
         f"{config.local_crops_number} x {config.local_crop_size} px); first sample: `crops.png`",
+        f"- pretraining: {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
+        f"{losses[0]:.3f} → {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}); "
+        f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
         f"- features ({backbone.description}): "
         + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in features["volumes"]),
         "",

@@ -1,0 +1,127 @@
+"""Pretraining step throughput: our loop's step with BrainDinoModel against the same step with transformers'
+DINOv3ViTModel as student and teacher backbone (same width, depth, heads, registers, weights, heads, crops,
+losses and optimiser), side by side in one run. Peak memory in one fresh process per variant.
+
+A step = teacher forward on the 2 global crops, student forward on 2 global (iBOT-masked) + N local crops,
+DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, AdamW, EMA update — `ssl_losses` and
+`update_teacher` from `braindino.train.pretrain`, exactly what `braindino pretrain` runs.
+
+    python benchmarks/pretrain.py                       # tiny and small, the tiny recipe's crops (112 / 48 px), batch 16
+    python benchmarks/pretrain.py --presets small --global-size 224 --local-size 96 --local-crops 8 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from memory import child_peak_increase, report_peak_increase, rss_mib
+from torch import nn
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+from braindino import BrainDinoConfig, BrainDinoForPreTraining, braindino_from_dinov3
+from braindino.train.augment import MultiCropCollator, MultiCropConfig
+from braindino.train.pretrain import MultiCropStudent, SSLLosses, ssl_losses, update_teacher
+
+
+class TransformersBackbone(nn.Module):
+    """transformers' DINOv3ViTModel behind the interface BrainDinoForPreTraining's heads read."""
+
+    def __init__(self, model: DINOv3ViTModel):
+        super().__init__()
+        self.model = model
+        self.num_prefix_tokens = 1 + model.config.num_register_tokens
+
+    def forward(self, pixel_values, bool_masked_pos=None):
+        tokens = self.model(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
+        return SimpleNamespace(pooler_output=tokens[:, 0], patch_tokens=tokens[:, self.num_prefix_tokens:])
+
+
+def build(which: str, preset: str) -> BrainDinoForPreTraining:
+    config = BrainDinoConfig.from_preset(preset)
+    torch.manual_seed(0)
+    reference = DINOv3ViTModel(DINOv3ViTConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_register_tokens=4, query_bias=False, key_bias=False,
+        value_bias=False, layer_norm_eps=1e-6, layerscale_value=1e-5, attn_implementation="sdpa"))
+    model = BrainDinoForPreTraining(config)
+    if which == "theirs":
+        model.braindino = TransformersBackbone(reference)
+    else:
+        model.braindino.load_state_dict(braindino_from_dinov3(reference).state_dict())
+    return model
+
+
+def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
+    student = build(which, preset).train()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    wrapped = MultiCropStudent(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    losses = SSLLosses(0.1)
+    torch.manual_seed(1)
+    batch = {
+        "global_crops": torch.randn(2 * batch_size, 3, crops.global_crop_size, crops.global_crop_size),
+        "local_crops": torch.randn(crops.local_crops_number * batch_size, 3, crops.local_crop_size, crops.local_crop_size),
+        "masks": MultiCropCollator(crops).masks(2 * batch_size),
+    }
+
+    def step() -> float:
+        started = time.perf_counter()
+        values = ssl_losses(wrapped, teacher, None, None, losses, batch, 0.04, 2)
+        sum(values.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_teacher(teacher, student, 0.992)
+        return time.perf_counter() - started
+
+    images = (2 + crops.local_crops_number) * batch_size
+    return step, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--global-size", type=int, default=112)
+    parser.add_argument("--local-size", type=int, default=48)
+    parser.add_argument("--local-crops", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    crops = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size, local_crops_number=args.local_crops)
+
+    if args.worker:
+        step, _ = make_step(args.worker, args.presets[0], args.batch, crops)
+        before = rss_mib()
+        step()
+        step()
+        report_peak_increase(before)
+        return
+
+    print(f"pretraining step, batch {args.batch}: 2 x {args.global_size} px + {args.local_crops} x {args.local_size} px "
+          f"crops; CPU fp32 ({torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.repeats}")
+    print()
+    print("| backbone | ours (images/s) | transformers DINOv3ViTModel (images/s) | throughput ratio ours / theirs | peak memory ours / theirs (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for preset in args.presets:
+        steps = {which: make_step(which, preset, args.batch, crops) for which in ("ours", "theirs")}
+        for step, _ in steps.values():
+            step()  # warm-up
+        times = {"ours": [], "theirs": []}
+        for _ in range(args.repeats):
+            for which in ("ours", "theirs"):
+                times[which].append(steps[which][0]())
+        rate = {which: steps[which][1] / statistics.median(times[which]) for which in times}
+        memory = {which: child_peak_increase(__file__, "--worker", which, "--presets", preset, "--batch", str(args.batch),
+                                             "--global-size", str(args.global_size), "--local-size", str(args.local_size),
+                                             "--local-crops", str(args.local_crops)) for which in ("ours", "theirs")}
+        print(f"| ViT-{preset} | {rate['ours']:.1f} | {rate['theirs']:.1f} | **{rate['ours'] / rate['theirs']:.3f}** | "
+              f"{memory['ours']:.0f} / {memory['theirs']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
