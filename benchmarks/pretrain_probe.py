@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--train-subjects", type=int, default=24)
     parser.add_argument("--probe-subjects", type=int, default=40)
+    parser.add_argument("--recipe", default="tiny", help="a bundled recipe name or a JSON recipe file")
     parser.add_argument("--keep", help="keep the corpus and the pretraining run in this folder")
     args = parser.parse_args()
 
@@ -85,7 +86,7 @@ def main() -> None:
         write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
         prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
 
-        config = PretrainConfig.load("tiny", corpus=str(root / "corpus"), output_dir=str(root / "run"), tracker=None,
+        config = PretrainConfig.load(args.recipe, corpus=str(root / "corpus"), output_dir=str(root / "run"), tracker=None,
                                      time_limit_minutes=args.minutes)
         started = time.perf_counter()
         summary = pretrain(config, resume=False)
@@ -98,7 +99,7 @@ def main() -> None:
         subjects = [row["subject"] for row in rows for _ in CONTRASTS]
         processor = BrainDinoImageProcessor(size=config.global_crop_size, num_slices=32)
         torch.manual_seed(0)
-        random_model = BrainDinoModel(BrainDinoConfig.from_preset("tiny")).eval()
+        random_model = BrainDinoModel(BrainDinoConfig.from_preset(config.preset, **config.model_overrides)).eval()
         pretrained_model = BrainDinoModel.from_pretrained(summary["backbone"]).eval()
         results = {}
         for name, model in (("pretrained (EMA teacher)", pretrained_model), ("random initialisation", random_model)):
