@@ -150,3 +150,21 @@ def test_two_process_accelerate_launch_trains_like_one_process(recipe, tmp_path)
     mean_two = np.mean([record["dino"] + record["ibot"] for record in two_losses.values()])
     assert np.isfinite(mean_two) and abs(mean_two - mean_one) / mean_one < 0.10
     assert (tmp_path / "two" / "final" / "backbone" / "model.safetensors").exists()
+
+
+def test_pretraining_starts_from_dinov3_weights(tmp_path):
+    """`--init-format dinov3` (the base recipe): the student's backbone equals the DINOv3 source, the heads
+    take the preset's sizes."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from braindino.train.pretrain import PretrainConfig, initial_model
+
+    source = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_register_tokens=4, layerscale_value=0.5)).eval()
+    source.save_pretrained(tmp_path / "dinov3")
+    model = initial_model(PretrainConfig(preset="tiny", init_from=str(tmp_path / "dinov3"), init_format="dinov3")).eval()
+    pixel_values = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        difference = (model.braindino(pixel_values).last_hidden_state - source(pixel_values).last_hidden_state).abs().max()
+    assert difference <= 1e-4
+    assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
