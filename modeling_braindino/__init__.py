@@ -3,13 +3,23 @@
 Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
 
 from .configuration_braindino import BRAINDINO_PRESETS, BrainDinoConfig
 from .convert_natural_image_weights import braindino_from_dinov2, braindino_from_dinov3
 from .image_processing_braindino import BrainDinoImageProcessor, SliceGeometry
 from .modeling_braindino import (
+    BrainDinoForClassification,
     BrainDinoForPreTraining,
+    BrainDinoForRegression,
+    BrainDinoVolumeOutput,
+    cox_partial_likelihood_loss,
     BrainDinoModel,
     BrainDinoModelOutput,
     BrainDinoPreTrainedModel,
@@ -23,6 +33,8 @@ __version__ = "0.1.0"
 AutoConfig.register(BrainDinoConfig.model_type, BrainDinoConfig, exist_ok=True)
 AutoModel.register(BrainDinoConfig, BrainDinoModel, exist_ok=True)
 AutoModelForPreTraining.register(BrainDinoConfig, BrainDinoForPreTraining, exist_ok=True)
+# There is no AutoModelForRegression in transformers: load BrainDinoForRegression by class.
+AutoModelForImageClassification.register(BrainDinoConfig, BrainDinoForClassification, exist_ok=True)
 AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": BrainDinoImageProcessor}, exist_ok=True)
 
 # Saved folders carry `auto_map` and these module files, so they load with `trust_remote_code=True`
@@ -30,12 +42,15 @@ AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": Bra
 BrainDinoConfig.register_for_auto_class()
 BrainDinoModel.register_for_auto_class("AutoModel")
 BrainDinoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+BrainDinoForClassification.register_for_auto_class("AutoModelForImageClassification")
 BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "BRAINDINO_PRESETS",
     "BrainDinoConfig",
+    "BrainDinoForClassification",
     "BrainDinoForPreTraining",
+    "BrainDinoForRegression",
     "BrainDinoImageProcessor",
     "BrainDinoInputError",
     "BrainDinoModel",
@@ -43,9 +58,11 @@ __all__ = [
     "BrainDinoPreTrainedModel",
     "BrainDinoPreTrainingOutput",
     "BrainDinoSliceEmbeddings",
+    "BrainDinoVolumeOutput",
     "BrainVolume",
     "SliceGeometry",
     "braindino_from_dinov2",
     "braindino_from_dinov3",
+    "cox_partial_likelihood_loss",
     "load_volume",
 ]

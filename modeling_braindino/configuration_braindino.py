@@ -57,6 +57,11 @@ class BrainDinoConfig(PretrainedConfig):
         head_num_layers (`int`, defaults to 3): MLP layers of each projection head.
         num_prototypes (`int`, defaults to 65536): prototypes of the DINO head and of the iBOT head
             (DINOv3's default; the `tiny` preset uses 1024).
+        pooling (`str`, defaults to `"mean"`): how volume heads pool slice embeddings: `"mean"` (the paper)
+            or `"attention"` (gated attention, MIL).
+
+    Volume heads also read `num_labels` and `problem_type` (`"single_label_classification"`,
+    `"multi_label_classification"`, `"regression"`, `"survival"`).
     """
 
     model_type = "braindino"
@@ -88,6 +93,7 @@ class BrainDinoConfig(PretrainedConfig):
         head_bottleneck_size: int = 256,
         head_num_layers: int = 3,
         num_prototypes: int = 65536,
+        pooling: str = "mean",
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -122,6 +128,9 @@ class BrainDinoConfig(PretrainedConfig):
         self.head_bottleneck_size = head_bottleneck_size
         self.head_num_layers = head_num_layers
         self.num_prototypes = num_prototypes
+        if pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be 'mean' or 'attention', got {pooling!r}")
+        self.pooling = pooling
         super().__init__(**kwargs)
 
     @classmethod

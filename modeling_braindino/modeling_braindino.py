@@ -519,3 +519,161 @@ class BrainDinoForPreTraining(BrainDinoPreTrainedModel):
     def save_backbone(self, save_directory, **kwargs) -> None:
         """Write the backbone alone as a `BrainDinoModel` folder (what users load with `AutoModel`)."""
         self.braindino.save_pretrained(save_directory, **kwargs)
+
+
+# --------------------------------------------------------------------------- volume-level task heads
+
+
+@dataclass
+class BrainDinoVolumeOutput(ModelOutput):
+    """
+    Output of [`BrainDinoForClassification`] and [`BrainDinoForRegression`].
+
+    Args:
+        loss (`()`, *optional*): the task loss, when `labels` are given.
+        logits (`(B, K)`): class scores, regression outputs, or (survival) log-risk scores.
+        volume_embeddings (`(B, D)`): the pooled subject embedding the head reads.
+        slice_weights (`(B, S)`, *optional*): attention-pooling weights over slices.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    volume_embeddings: torch.Tensor | None = None
+    slice_weights: torch.Tensor | None = None
+
+
+def cox_partial_likelihood_loss(log_risk: torch.Tensor, times: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood (Breslow ties), averaged over events:
+
+        loss = -(1 / #events) * sum_{i: event_i} ( r_i - log sum_{j: t_j >= t_i} exp(r_j) )
+    """
+    order = torch.argsort(times, descending=True)
+    log_risk, events = log_risk[order].float(), events[order].float()
+    log_risk_set = torch.logcumsumexp(log_risk, dim=0)  # over everyone still at risk at each time
+    return -((log_risk - log_risk_set) * events).sum() / events.sum().clamp(min=1.0)
+
+
+class BrainDinoSlicePooling(nn.Module):
+    """Slice embeddings `(B, S, D)` → a volume embedding `(B, D)`: the paper's mean, or gated attention (MIL)."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        self.mode = config.pooling
+        if self.mode == "attention":
+            self.attention_value = nn.Linear(config.hidden_size, config.hidden_size // 2)
+            self.attention_gate = nn.Linear(config.hidden_size, config.hidden_size // 2)
+            self.attention_score = nn.Linear(config.hidden_size // 2, 1)
+
+    def forward(self, slice_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.mode == "mean":
+            return slice_embeddings.mean(dim=1), None
+        scores = self.attention_score(
+            torch.tanh(self.attention_value(slice_embeddings)) * torch.sigmoid(self.attention_gate(slice_embeddings))
+        ).squeeze(-1)  # [B, S]
+        weights = torch.softmax(scores, dim=1)
+        return torch.einsum("bs,bsd->bd", weights, slice_embeddings), weights
+
+
+class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
+    """
+    Frozen backbone (by default, `config.freeze_backbone`) → per-slice CLS tokens → volume embedding (mean, or
+    attention pooling) → the paper's head `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`. Several contrasts
+    `(B, M, S, C, H, W)` each go through the shared encoder and their volume embeddings are averaged (the
+    paper). Cached slice embeddings `(B, S, D)` (or `(B, M, S, D)`) can replace `pixel_values`, so heads train
+    on a feature cache in seconds.
+    """
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__(config)
+        self.braindino = BrainDinoModel(config)
+        self.pooling = BrainDinoSlicePooling(config)
+        self.head = nn.Sequential(
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+            nn.Linear(config.hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.num_labels),
+        )
+        if config.freeze_backbone:
+            self.braindino.requires_grad_(False)
+        self.post_init()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.braindino.eval()  # a frozen encoder also keeps its inference behaviour (no RoPE jitter)
+        return self
+
+    def slice_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, [M,] S, C, H, W)` → per-slice CLS tokens `(B, [M,] S, D)`."""
+        leading = pixel_values.shape[:-3]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            cls_tokens = self.braindino(pixel_values.flatten(0, -4)).pooler_output  # [B * M * S, D]
+        return cls_tokens.unflatten(0, leading)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        slice_embeddings: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> BrainDinoVolumeOutput | tuple:
+        r"""
+        pixel_values (`(B, S, C, H, W)` or `(B, M, S, C, H, W)` for M contrasts): processed volumes.
+        slice_embeddings (`(B, S, D)` or `(B, M, S, D)`): cached per-slice CLS tokens instead of `pixel_values`.
+        labels: class indices `(B,)`; multi-hot `(B, K)`; targets `(B,)`/`(B, K)`; or for survival `(B, 2)`
+            holding (time, event).
+        """
+        if (pixel_values is None) == (slice_embeddings is None):
+            raise ValueError("give exactly one of pixel_values and slice_embeddings")
+        if slice_embeddings is None:
+            slice_embeddings = self.slice_embeddings(pixel_values)
+        if slice_embeddings.ndim == 4:  # several contrasts: pool each, then average (the paper)
+            batch, contrasts = slice_embeddings.shape[:2]
+            pooled, weights = self.pooling(slice_embeddings.flatten(0, 1))
+            volume_embeddings = pooled.view(batch, contrasts, -1).mean(dim=1)
+            weights = weights.view(batch, contrasts, -1) if weights is not None else None
+        else:
+            volume_embeddings, weights = self.pooling(slice_embeddings)
+        logits = self.head(volume_embeddings)
+        loss = self.task_loss(logits, labels) if labels is not None else None
+        output = BrainDinoVolumeOutput(loss=loss, logits=logits, volume_embeddings=volume_embeddings, slice_weights=weights)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Computed explicitly per `config.problem_type` (transformers' generic loss would guess wrong)."""
+        problem = self.config.problem_type
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.float(), labels.long())
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        if problem == "regression":
+            return F.mse_loss(logits.float().squeeze(-1), labels.float().view(logits.shape[0], -1).squeeze(-1))
+        if problem == "survival":
+            return cox_partial_likelihood_loss(logits[:, 0], labels[:, 0], labels[:, 1])
+        raise ValueError(f"unknown problem_type {problem!r}")
+
+    def trainable_parameter_fraction(self) -> float:
+        """Share of parameters that receive gradients (the paper: about 0.6 % for ViT-B non-dense heads)."""
+        total = sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad) / total
+
+
+class BrainDinoForClassification(BrainDinoForVolumeTasks):
+    """Volume classification (disease, MRI sequence, molecular status); single- or multi-label."""
+
+    def __init__(self, config: BrainDinoConfig):
+        if config.problem_type is None:
+            config.problem_type = "single_label_classification"
+        super().__init__(config)
+
+
+class BrainDinoForRegression(BrainDinoForVolumeTasks):
+    """Volume regression (brain age, days after stroke); `problem_type="survival"` gives a Cox log-risk."""
+
+    def __init__(self, config: BrainDinoConfig):
+        if config.problem_type is None:
+            config.problem_type = "regression"
+        if config.problem_type == "survival":
+            config.num_labels = 1
+        super().__init__(config)

@@ -1,0 +1,108 @@
+"""Volume-level heads on the frozen encoder: the paper's trunk, losses per problem type, Cox loss vs its
+loop, multi-contrast averaging, cached embeddings, attention pooling, frozen backbone, save/load."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from braindino import (
+    BrainDinoConfig,
+    BrainDinoForClassification,
+    BrainDinoForRegression,
+    cox_partial_likelihood_loss,
+)
+
+
+def _config(**overrides):
+    return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           layerscale_value=1.0, **overrides)
+
+
+def test_cox_loss_matches_the_partial_likelihood_loop():
+    torch.manual_seed(0)
+    risk = torch.randn(6)
+    times = torch.tensor([5.0, 3.0, 8.0, 1.0, 3.0, 9.0])
+    events = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    total, count = 0.0, 0
+    for i in range(6):
+        if events[i]:
+            at_risk = [j for j in range(6) if times[j] >= times[i]]
+            total += float(risk[i]) - math.log(sum(math.exp(float(risk[j])) for j in at_risk))
+            count += 1
+    assert float(cox_partial_likelihood_loss(risk, times, events)) == pytest.approx(-total / count, rel=1e-5)
+
+
+def test_classification_trunk_losses_and_frozen_backbone():
+    torch.manual_seed(0)
+    model = BrainDinoForClassification(_config(num_labels=3)).train()
+    pixel_values = torch.randn(2, 4, 3, 32, 32)  # 2 volumes x 4 slices
+    labels = torch.tensor([0, 2])
+    output = model(pixel_values, labels=labels)
+    assert output.logits.shape == (2, 3) and output.volume_embeddings.shape == (2, 64)
+    torch.testing.assert_close(output.loss, torch.nn.functional.cross_entropy(output.logits, labels))
+    output.loss.backward()
+    assert all(p.grad is None for p in model.braindino.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert not model.braindino.training  # a frozen encoder stays in eval mode inside a training head
+    assert 0 < model.trainable_parameter_fraction() < 0.2
+
+
+def test_cached_slice_embeddings_give_the_same_output_as_pixels():
+    torch.manual_seed(1)
+    model = BrainDinoForClassification(_config(num_labels=2)).eval()
+    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        from_pixels = model(pixel_values).logits
+        cached = model.braindino(pixel_values).pooler_output  # (2, 3, D): what a feature cache stores
+        from_cache = model(slice_embeddings=cached).logits
+    torch.testing.assert_close(from_cache, from_pixels)
+    torch.testing.assert_close(model(slice_embeddings=cached).volume_embeddings, cached.mean(dim=1))
+
+
+def test_multi_contrast_embeddings_are_averaged():
+    torch.manual_seed(2)
+    model = BrainDinoForRegression(_config()).eval()
+    contrasts = torch.randn(2, 4, 3, 3, 32, 32)  # 2 subjects x 4 contrasts x 3 slices
+    with torch.no_grad():
+        joint = model(contrasts).volume_embeddings
+        separate = torch.stack([model(contrasts[:, index]).volume_embeddings for index in range(4)]).mean(dim=0)
+    torch.testing.assert_close(joint, separate)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "survival", "multi_label_classification"])
+def test_problem_types_use_their_own_losses(problem_type):
+    torch.manual_seed(3)
+    head_class = BrainDinoForClassification if problem_type.endswith("classification") else BrainDinoForRegression
+    model = head_class(_config(problem_type=problem_type, num_labels=2 if problem_type.endswith("classification") else 1))
+    embeddings = torch.randn(4, 5, 64)
+    if problem_type == "regression":
+        labels = torch.tensor([30.0, 50.0, 70.0, 40.0])
+        expected = lambda logits: torch.nn.functional.mse_loss(logits[:, 0], labels)  # noqa: E731
+    elif problem_type == "survival":
+        labels = torch.tensor([[10.0, 1.0], [4.0, 0.0], [7.0, 1.0], [2.0, 1.0]])
+        expected = lambda logits: cox_partial_likelihood_loss(logits[:, 0], labels[:, 0], labels[:, 1])  # noqa: E731
+    else:
+        labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+        expected = lambda logits: torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)  # noqa: E731
+    output = model(slice_embeddings=embeddings, labels=labels)
+    torch.testing.assert_close(output.loss, expected(output.logits))
+
+
+def test_attention_pooling_weights_slices():
+    torch.manual_seed(4)
+    model = BrainDinoForClassification(_config(num_labels=2, pooling="attention")).eval()
+    output = model(slice_embeddings=torch.randn(3, 7, 64))
+    assert output.slice_weights.shape == (3, 7)
+    torch.testing.assert_close(output.slice_weights.sum(dim=1), torch.ones(3))
+
+
+def test_classification_head_round_trips_through_the_auto_class(tmp_path):
+    torch.manual_seed(5)
+    model = BrainDinoForClassification(_config(num_labels=4)).eval()
+    model.save_pretrained(tmp_path / "head")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "head").eval()
+    assert isinstance(reloaded, BrainDinoForClassification) and reloaded.config.problem_type == "single_label_classification"
+    embeddings = torch.randn(2, 3, 64)
+    torch.testing.assert_close(reloaded(slice_embeddings=embeddings).logits, model(slice_embeddings=embeddings).logits)
