@@ -293,6 +293,11 @@ class BrainDinoPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         return super().from_pretrained(*args, **kwargs)
 
+    def trainable_parameter_fraction(self) -> float:
+        """Share of parameters that receive gradients (the paper: about 0.6 % for ViT-B non-dense heads)."""
+        total = sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad) / total
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -417,11 +422,6 @@ class BrainDinoModel(BrainDinoPreTrainedModel):
             cls_tokens.append(output.pooler_output)
             patch_means.append(output.patch_tokens.mean(dim=1))
         return BrainDinoSliceEmbeddings(cls_tokens=torch.cat(cls_tokens), patch_means=torch.cat(patch_means))
-
-    def trainable_parameter_fraction(self) -> float:
-        """Share of parameters that receive gradients."""
-        total = sum(p.numel() for p in self.parameters())
-        return sum(p.numel() for p in self.parameters() if p.requires_grad) / total
 
 
 def unfold_volume(value, volume_shape: torch.Size):
@@ -652,11 +652,6 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
         if problem == "survival":
             return cox_partial_likelihood_loss(logits[:, 0], labels[:, 0], labels[:, 1])
         raise ValueError(f"unknown problem_type {problem!r}")
-
-    def trainable_parameter_fraction(self) -> float:
-        """Share of parameters that receive gradients (the paper: about 0.6 % for ViT-B non-dense heads)."""
-        total = sum(p.numel() for p in self.parameters())
-        return sum(p.numel() for p in self.parameters() if p.requires_grad) / total
 
 
 class BrainDinoForClassification(BrainDinoForVolumeTasks):
