@@ -136,18 +136,20 @@ def build_schedules(config: PretrainConfig, global_batch: int) -> Schedules:
 
 
 def initial_model(config: PretrainConfig) -> BrainDinoForPreTraining:
+    """From a BrainDINO pretraining folder, from scratch (the preset), or with natural-image backbone
+    weights (DINOv3/DINOv2) under fresh heads of the preset's sizes."""
     if config.init_from and config.init_format == "braindino":
         return BrainDinoForPreTraining.from_pretrained(config.init_from)
     model_config = BrainDinoConfig.from_preset(config.preset, **config.model_overrides)
-    model = BrainDinoForPreTraining(model_config)
-    if config.init_from:  # natural-image weights into the backbone; heads start fresh
-        from braindino import braindino_from_dinov2, braindino_from_dinov3
+    if not config.init_from:
+        return BrainDinoForPreTraining(model_config)
+    from braindino import braindino_from_dinov2, braindino_from_dinov3
 
-        convert = {"dinov3": braindino_from_dinov3, "dinov2": braindino_from_dinov2}[config.init_format]
-        backbone = convert(config.init_from, **config.model_overrides)
-        model = BrainDinoForPreTraining(BrainDinoConfig(**{**backbone.config.to_dict(), **{
-            key: getattr(model_config, key) for key in ("head_hidden_size", "head_bottleneck_size", "head_num_layers", "num_prototypes")}}))
-        model.braindino.load_state_dict(backbone.state_dict())
+    convert = {"dinov3": braindino_from_dinov3, "dinov2": braindino_from_dinov2}[config.init_format]
+    backbone = convert(config.init_from, **config.model_overrides)
+    heads = {key: getattr(model_config, key) for key in ("head_hidden_size", "head_bottleneck_size", "head_num_layers", "num_prototypes")}
+    model = BrainDinoForPreTraining(BrainDinoConfig(**{**backbone.config.to_dict(), **heads}))
+    model.braindino.load_state_dict(backbone.state_dict())
     return model
 
 
@@ -355,9 +357,9 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                   "lr": float(schedules.lr[iteration]), "teacher_momentum": float(schedules.teacher_momentum[iteration]),
                   "teacher_temperature": temperature,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
-        reduced = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), reduction="mean"))
-                   for k, v in record.items() if k in ("loss", *losses)}
-        record.update(reduced)
+        names = ["loss", *losses]  # one all-reduce for every logged loss, not one per loss
+        means = accelerator.reduce(torch.tensor([record[name] for name in names], device=accelerator.device), reduction="mean")
+        record.update(zip(names, means.tolist()))
         if accelerator.is_main_process:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
