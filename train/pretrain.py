@@ -175,6 +175,12 @@ class RowBatches:
         self.iterator = iter(loader)
         self.batches_in_epoch = 0
 
+    def close(self) -> None:
+        """Stop the loader's worker and the stream's reader threads now, not at interpreter exit (where
+        pyarrow's threads can hang the process)."""
+        self.iterator._shutdown_workers() if hasattr(self.iterator, "_shutdown_workers") else None
+        del self.iterator
+
     def __iter__(self):
         return self
 
@@ -376,6 +382,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
             accelerator.print(f"time limit of {config.time_limit_minutes} min reached after {iteration + 1} iterations")
             break
 
+    batches.close()
     summary = {"iterations": iteration + 1 if config.iterations > start_iteration else start_iteration,
                "seconds": time.perf_counter() - started}
     if accelerator.is_main_process:
