@@ -1,6 +1,6 @@
 """BrainDINO: a self-supervised brain-MRI foundation model, native to Hugging Face transformers.
 
-Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
+Importing this package registers the model with `AutoConfig`, `AutoModel`, `AutoModelFor*` and `AutoImageProcessor`.
 """
 
 from transformers import (
@@ -9,6 +9,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
 )
 
 from .configuration_braindino import BRAINDINO_PRESETS, BrainDinoConfig
@@ -18,6 +19,8 @@ from .modeling_braindino import (
     BrainDinoForClassification,
     BrainDinoForPreTraining,
     BrainDinoForRegression,
+    BrainDinoForSegmentation,
+    BrainDinoSegmentationOutput,
     BrainDinoVolumeOutput,
     cox_partial_likelihood_loss,
     BrainDinoModel,
@@ -35,6 +38,7 @@ AutoModel.register(BrainDinoConfig, BrainDinoModel, exist_ok=True)
 AutoModelForPreTraining.register(BrainDinoConfig, BrainDinoForPreTraining, exist_ok=True)
 # There is no AutoModelForRegression in transformers: load BrainDinoForRegression by class.
 AutoModelForImageClassification.register(BrainDinoConfig, BrainDinoForClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(BrainDinoConfig, BrainDinoForSegmentation, exist_ok=True)
 AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": BrainDinoImageProcessor}, exist_ok=True)
 
 # Saved folders carry `auto_map` and these module files, so they load with `trust_remote_code=True`
@@ -43,6 +47,9 @@ BrainDinoConfig.register_for_auto_class()
 BrainDinoModel.register_for_auto_class("AutoModel")
 BrainDinoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 BrainDinoForClassification.register_for_auto_class("AutoModelForImageClassification")
+BrainDinoForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+# With no AutoModelForRegression, a regression folder maps `AutoModel` to its own class for remote code.
+BrainDinoForRegression.register_for_auto_class("AutoModel")
 BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
@@ -51,6 +58,8 @@ __all__ = [
     "BrainDinoForClassification",
     "BrainDinoForPreTraining",
     "BrainDinoForRegression",
+    "BrainDinoForSegmentation",
+    "BrainDinoSegmentationOutput",
     "BrainDinoImageProcessor",
     "BrainDinoInputError",
     "BrainDinoModel",

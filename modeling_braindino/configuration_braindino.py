@@ -59,6 +59,13 @@ class BrainDinoConfig(PretrainedConfig):
             (DINOv3's default; the `tiny` preset uses 1024).
         pooling (`str`, defaults to `"mean"`): how volume heads pool slice embeddings: `"mean"` (the paper)
             or `"attention"` (gated attention, MIL).
+        contrasts (`list[str]`, *optional*): the MRI contrasts a task head reads, in order (e.g.
+            `["t1", "t1ce", "t2", "flair"]`); `None` = one volume of any contrast. Volume heads average the
+            contrasts' embeddings; the segmentation head maps them to the 3 input channels with a 1x1 conv.
+        segmentation_layers (`list[int]`, *optional*): blocks (0-based) whose patch tokens the segmentation
+            decoder reads; defaults to four evenly spaced blocks ending with the last (2, 5, 8, 11 for 12).
+        target_mean (`list[float]`, *optional*), target_std (`list[float]`, *optional*): regression heads
+            predict standardised targets and report `logits * target_std + target_mean` (e.g. years).
 
     Volume heads also read `num_labels` and `problem_type` (`"single_label_classification"`,
     `"multi_label_classification"`, `"regression"`, `"survival"`).
@@ -94,6 +101,10 @@ class BrainDinoConfig(PretrainedConfig):
         head_num_layers: int = 3,
         num_prototypes: int = 65536,
         pooling: str = "mean",
+        contrasts: list[str] | None = None,
+        segmentation_layers: list[int] | None = None,
+        target_mean: list[float] | None = None,
+        target_std: list[float] | None = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -131,6 +142,14 @@ class BrainDinoConfig(PretrainedConfig):
         if pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be 'mean' or 'attention', got {pooling!r}")
         self.pooling = pooling
+        self.contrasts = list(contrasts) if contrasts else None
+        if segmentation_layers is None:  # 4 evenly spaced blocks ending with the last: 2, 5, 8, 11 of 12
+            segmentation_layers = sorted({max(0, (index + 1) * num_hidden_layers // 4 - 1) for index in range(4)})
+        if not all(0 <= layer < num_hidden_layers for layer in segmentation_layers):
+            raise ValueError(f"segmentation_layers {segmentation_layers} outside blocks 0..{num_hidden_layers - 1}")
+        self.segmentation_layers = list(segmentation_layers)
+        self.target_mean = target_mean
+        self.target_std = target_std
         super().__init__(**kwargs)
 
     @classmethod

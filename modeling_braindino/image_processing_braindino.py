@@ -169,19 +169,42 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         bottom, right = height - top - slices.shape[-2], width - left - slices.shape[-1]
         return F.pad(slices, (left, right, top, bottom))[:, 0]  # [S, H, W]
 
+    def _load_ras(self, source: VolumeSource, affine: np.ndarray | None, name: str | None):
+        """Load and validate one volume; return it with its data and voxel sizes in RAS axis order."""
+        volume = load_volume(source, affine=affine, name=name, max_voxels=self.max_voxels)
+        to_ras = nib.orientations.io_orientation(volume.affine)
+        ras_zooms = np.empty(3)
+        ras_zooms[to_ras[:, 0].astype(int)] = volume.zooms
+        return volume, nib.orientations.apply_orientation(volume.data, to_ras), ras_zooms
+
     def preprocess_volume(
         self, source: VolumeSource, affine: np.ndarray | None = None, name: str | None = None
     ) -> tuple[torch.Tensor, SliceGeometry]:
         """One volume → `pixel_values` `(S, C, H, W)` and its `SliceGeometry`."""
-        volume = load_volume(source, affine=affine, name=name, max_voxels=self.max_voxels)
-        to_ras = nib.orientations.io_orientation(volume.affine)
-        ras_data = nib.orientations.apply_orientation(volume.data, to_ras)
-        ras_zooms = np.empty(3)
-        ras_zooms[to_ras[:, 0].astype(int)] = volume.zooms
+        volume, ras_data, ras_zooms = self._load_ras(source, affine, name)
         geometry = self._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
         slices = self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear")
         pixel_values = slices.unsqueeze(1).expand(-1, self.num_channels, -1, -1).contiguous()  # [S, C, H, W]
         return pixel_values, geometry
+
+    def preprocess_contrasts(
+        self, sources: dict[str, VolumeSource], affine: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, SliceGeometry]:
+        """Co-registered contrasts of one subject (`{"t1": ..., "flair": ...}`, one voxel grid) → `(S, M, H, W)`,
+        each contrast normalised on its own, all on the same slices (the union of their non-empty ranges),
+        in the dict's order; one `SliceGeometry` (of the first contrast) maps predictions back."""
+        loaded = [self._load_ras(source, affine, None) for source in sources.values()]
+        reference = loaded[0][0]
+        for volume, _, _ in loaded[1:]:
+            if volume.data.shape != reference.data.shape or not np.allclose(volume.affine, reference.affine, atol=1e-3):
+                raise BrainDinoInputError(
+                    volume.name, f"not on the voxel grid of {reference.name} (shape {volume.data.shape} vs "
+                    f"{reference.data.shape}, or a different affine); contrasts must be co-registered"
+                )
+        union = np.max([np.abs(ras_data) for _, ras_data, _ in loaded], axis=0)
+        geometry = self._plan(reference.name, union, loaded[0][2], reference.data.shape, reference.affine)
+        contrasts = [self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear") for _, ras_data, _ in loaded]
+        return torch.stack(contrasts, dim=1), geometry  # [S, M, H, W]
 
     def __call__(
         self,

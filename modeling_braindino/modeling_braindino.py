@@ -636,6 +636,8 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             volume_embeddings, weights = self.pooling(slice_embeddings)
         logits = self.head(volume_embeddings)
         loss = self.task_loss(logits, labels) if labels is not None else None
+        if self.config.problem_type == "regression" and self.config.target_mean is not None:
+            logits = logits * logits.new_tensor(self.config.target_std) + logits.new_tensor(self.config.target_mean)
         output = BrainDinoVolumeOutput(loss=loss, logits=logits, volume_embeddings=volume_embeddings, slice_weights=weights)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
@@ -647,8 +649,13 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             return F.cross_entropy(logits.float(), labels.long())
         if problem == "multi_label_classification":
             return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        if problem == "regression":
-            return F.mse_loss(logits.float().squeeze(-1), labels.float().view(logits.shape[0], -1).squeeze(-1))
+        if problem == "regression":  # on standardised targets when the config holds their mean and std
+            targets = labels.float().view(logits.shape[0], -1)
+            if targets.shape != logits.shape:
+                raise ValueError(f"regression targets of shape {tuple(targets.shape)} for {logits.shape[1]} outputs (config.num_labels)")
+            if self.config.target_mean is not None:
+                targets = (targets - targets.new_tensor(self.config.target_mean)) / targets.new_tensor(self.config.target_std)
+            return F.mse_loss(logits.float(), targets)
         if problem == "survival":
             return cox_partial_likelihood_loss(logits[:, 0], labels[:, 0], labels[:, 1])
         raise ValueError(f"unknown problem_type {problem!r}")
@@ -671,4 +678,131 @@ class BrainDinoForRegression(BrainDinoForVolumeTasks):
             config.problem_type = "regression"
         if config.problem_type == "survival":
             config.num_labels = 1
+        elif config.target_mean is not None:
+            config.num_labels = len(config.target_mean)
         super().__init__(config)
+
+
+# --------------------------------------------------------------------------- segmentation head
+
+
+@dataclass
+class BrainDinoSegmentationOutput(ModelOutput):
+    """
+    Output of [`BrainDinoForSegmentation`].
+
+    Args:
+        loss (`()`, *optional*): cross-entropy + soft Dice, when `labels` are given.
+        logits (`(N, K, H, W)`): per-pixel class scores at the input resolution, one map per slice.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over foreground classes k of the batch soft Dice:
+
+        dice_k = (2 * sum_pixels p_k * y_k + eps) / (sum_pixels p_k + sum_pixels y_k + eps)
+    """
+    probabilities = logits.float().softmax(dim=1)[:, 1:]  # [N, K-1, H, W]
+    one_hot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()  # [N, K-1, H, W]
+    overlap = (probabilities * one_hot).sum(dim=(0, 2, 3))
+    total = probabilities.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    return 1 - ((2 * overlap + eps) / (total + eps)).mean()
+
+
+class BrainDinoSegmentationDecoder(nn.Module):
+    """The paper's decoder: patch tokens of several blocks concatenated (`L * D` channels at stride 16) →
+    4 stages of (2x2 transposed conv, stride 2 → BatchNorm → GELU), halving the channels each time → 1x1 conv
+    to the classes. For ViT-B: 3072 → 1536 → 768 → 384 → 192 → K, about 25 M parameters."""
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__()
+        channels = len(config.segmentation_layers) * config.hidden_size
+        stages = []
+        for _ in range(4):  # 4 x 2 = 16 = the patch size of every preset
+            stages += [nn.ConvTranspose2d(channels, channels // 2, 2, stride=2), nn.BatchNorm2d(channels // 2), nn.GELU()]
+            channels //= 2
+        self.upsample = nn.Sequential(*stages)
+        self.classifier = nn.Conv2d(channels, config.num_labels, 1)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.upsample(patch_features))  # [N, K, 16 h, 16 w]
+
+
+class BrainDinoForSegmentation(BrainDinoPreTrainedModel):
+    """
+    Per-slice segmentation on the frozen backbone (the paper's dense head). Patch tokens of
+    `config.segmentation_layers` (normalised by the backbone's final LayerNorm) → [`BrainDinoSegmentationDecoder`]
+    → class maps at the slice resolution. With several `config.contrasts` the slice arrives as `(N, M, H, W)`
+    and a learnable 1x1 conv, initialised to the average, maps the M contrasts to the backbone's channels.
+    Per-slice masks go back onto the input volume with `BrainDinoImageProcessor.mask_to_nifti`.
+    """
+
+    def __init__(self, config: BrainDinoConfig):
+        super().__init__(config)
+        self.braindino = BrainDinoModel(config)
+        num_contrasts = len(config.contrasts or ())
+        self.contrast_mixer = nn.Conv2d(num_contrasts, config.num_channels, 1) if num_contrasts > 1 else None
+        self.decoder = BrainDinoSegmentationDecoder(config)
+        if config.freeze_backbone:
+            self.braindino.requires_grad_(False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "contrast_mixer", None):  # start as the average of the contrasts
+            nn.init.constant_(module.weight, 1.0 / module.in_channels)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.ConvTranspose2d):
+            nn.init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.braindino.eval()
+        return self
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(N, C, H, W)` slices (contrasts already mixed) → `(N, L * D, H / 16, W / 16)` multi-block features."""
+        height, width = (size // self.config.patch_size for size in pixel_values.shape[-2:])
+        # a frozen backbone still passes gradients back to a trainable contrast mixer in front of it
+        needs_grad = not self.config.freeze_backbone or pixel_values.requires_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            hidden_states = self.braindino(pixel_values, output_hidden_states=True).hidden_states
+            num_prefix = self.config.num_prefix_tokens
+            layers = [self.braindino.layernorm(hidden_states[index + 1])[:, num_prefix:] for index in self.config.segmentation_layers]
+        features = torch.cat(layers, dim=-1)  # [N, h * w, L * D]
+        return features.transpose(1, 2).unflatten(2, (height, width))  # [N, L * D, h, w]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        patch_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> BrainDinoSegmentationOutput | tuple:
+        r"""
+        pixel_values (`(N, C, H, W)`; `(N, M, H, W)` for M contrasts): processed slices.
+        patch_features (`(N, L * D, h, w)`): cached [`patch_features`] instead of `pixel_values` (frozen backbone).
+        labels (`(N, H, W)` int): class per pixel (0 = background).
+        """
+        if (pixel_values is None) == (patch_features is None):
+            raise ValueError("give exactly one of pixel_values and patch_features")
+        if patch_features is None:
+            if self.contrast_mixer is not None:
+                pixel_values = self.contrast_mixer(pixel_values.to(self.contrast_mixer.weight.dtype))  # [N, C, H, W]
+            patch_features = self.patch_features(pixel_values)
+        logits = self.decoder(patch_features.to(self.decoder.classifier.weight.dtype))
+        loss = None
+        if labels is not None:
+            labels = labels.long()
+            loss = F.cross_entropy(logits.float(), labels) + soft_dice_loss(logits, labels)
+        output = BrainDinoSegmentationOutput(loss=loss, logits=logits)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()

@@ -106,3 +106,15 @@ def test_classification_head_round_trips_through_the_auto_class(tmp_path):
     assert isinstance(reloaded, BrainDinoForClassification) and reloaded.config.problem_type == "single_label_classification"
     embeddings = torch.randn(2, 3, 64)
     torch.testing.assert_close(reloaded(slice_embeddings=embeddings).logits, model(slice_embeddings=embeddings).logits)
+
+
+def test_regression_with_target_statistics_reports_real_units_and_loses_on_the_standard_scale():
+    torch.manual_seed(6)
+    model = BrainDinoForRegression(_config(num_labels=1, target_mean=[50.0], target_std=[20.0])).eval()
+    embeddings = torch.randn(3, 4, 64)
+    labels = torch.tensor([30.0, 55.0, 80.0])
+    output = model(slice_embeddings=embeddings, labels=labels)
+    standardised = (output.logits[:, 0] - 50.0) / 20.0
+    torch.testing.assert_close(output.loss, torch.nn.functional.mse_loss(standardised, (labels - 50.0) / 20.0))
+    raw = model.head(output.volume_embeddings)[:, 0]
+    torch.testing.assert_close(output.logits[:, 0], raw * 20.0 + 50.0)
