@@ -48,3 +48,13 @@ def seeded():
 def save_nifti(path, data, affine=None) -> str:
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory):
+    """10 SYNTHETIC subjects (6 with tumours) with labels.csv and sequences.csv, written once per session."""
+    from braindino.train.synthetic import write_synthetic_corpus
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_corpus(out, 10, seed=3, tumor_fraction=0.6, workers=2)
+    return out

@@ -20,7 +20,7 @@ def test_extract_features_on_the_bundled_real_volume(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "features.json").read_text())
     assert summary["random_init"] is True and "untrained" in summary["model"]
-    (volume,) = summary["volumes"]
+    (volume,) = summary["volumes"].values()
     assert volume["num_slices"] == 32 and volume["embedding_dim"] == 192
     with safe_open(volume["features"], "pt") as features:
         slice_cls = features.get_tensor("slice_cls_tokens")

@@ -1,4 +1,4 @@
-"""The built wheel holds every module of the repository's three package folders, under `braindino`
+"""The built wheel holds every module, config and card template of the repository's package folders, under `braindino`
 (an editable install finds sub-packages the wheel would miss, so only a real build checks this)."""
 
 import subprocess
@@ -7,7 +7,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-INSTALLED_NAMES = {"modeling_braindino": "braindino", "pipelines": "braindino/pipelines", "train": "braindino/train"}
+INSTALLED_NAMES = {"modeling_braindino": "braindino", "pipelines": "braindino/pipelines", "train": "braindino/train",
+                   "model_cards": "braindino/model_cards"}
 
 
 def test_wheel_ships_every_module_and_config(tmp_path):
@@ -20,7 +21,7 @@ def test_wheel_ships_every_module_and_config(tmp_path):
     expected = {
         f"{installed}/{path.relative_to(REPO / folder).as_posix()}"
         for folder, installed in INSTALLED_NAMES.items()
-        for pattern in ("*.py", "*.json")
+        for pattern in ("*.py", "*.json", "*.md")
         for path in (REPO / folder).rglob(pattern)
         if "__pycache__" not in path.parts
     }

@@ -21,9 +21,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "SYNTHETIC" in report and "slice corpus: 8 volumes" in report
     assert Image.open(out / "crops.png").size == (448, 224 + 112)
     features = json.loads((out / "features" / "features.json").read_text())
-    assert len(features["volumes"]) == 2 and not features["failed"]  # one held-out scan + the MNI152 template
-    assert Path(features["volumes"][0]["source"]).name == "synthetic-0002_t1.nii.gz"  # held out: numbered after training
-    assert all(volume["num_slices"] == 128 for volume in features["volumes"])
+    volumes = list(features["volumes"].values())
+    assert len(volumes) == 2 and not features["failed"]  # one held-out scan + the MNI152 template
+    assert Path(volumes[0]["source"]).name == "synthetic-0002_t1.nii.gz"  # held out: numbered after training
+    assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
     assert "pretraining:" in report
     assert set(json.loads((out / "timings.json").read_text())) == {

@@ -91,6 +91,28 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    from .heads import HeadTrainingConfig, train_heads
+
+    config = HeadTrainingConfig(
+        task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
+        backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
+        label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
+        size=args.size, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience,
+        batch_size=args.batch_size, export=not args.no_export,
+    )
+    print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
+    results = train_heads(config)
+    primary = results["primary_metric"]
+    for fraction, summary in results["summary"].items():
+        values = summary[primary]
+        print(f"{float(fraction):.0%} of labels: {primary} {values['mean']:.3f} ± {values['std']:.3f} over {values['n']} runs")
+    if results["exported_model"]:
+        print(f"exported {results['exported_model']['folder']} (with README.md model card)")
+    print(f"wrote {Path(config.output_dir) / 'results.json'}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import run
 
@@ -150,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--preview", help="save a PNG of the first sample's crops and mask here")
     stream.set_defaults(run=_stream)
+
+    head = commands.add_parser("train-head", help="train a task head on the frozen backbone (feature cache, label fractions, folds)")
+    head.add_argument("--task", required=True, choices=["classification", "regression", "survival", "segmentation"])
+    head.add_argument("--labels", required=True, help="CSV with one row per subject (or volume); paths relative to it")
+    head.add_argument("--inputs", nargs="+", required=True, help="column(s) holding volume paths; several = contrasts")
+    head.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
+    head.add_argument("--event", help="survival: column that is 1 where the event was observed")
+    head.add_argument("--model", help="pretrained BrainDINO backbone folder or Hub id")
+    head.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised backbone (baseline)")
+    head.add_argument("--out", default="outputs/head")
+    head.add_argument("--cache", help="feature cache folder (default: OUT/feature-cache); reused across runs")
+    head.add_argument("--label-fractions", type=float, nargs="+", default=[1.0])
+    head.add_argument("--folds", type=int, default=1, help="k-fold cross-validation (1 = one seeded test split)")
+    head.add_argument("--seeds", type=int, nargs="+", default=[0])
+    head.add_argument("--num-slices", type=int, default=128, help="axial slices per volume for volume tasks (the paper: 128)")
+    head.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
+    head.add_argument("--pooling", choices=["mean", "attention"], default="mean")
+    head.add_argument("--lr", type=float, default=None, help="default 1e-3 (3e-3 for segmentation)")
+    head.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 300; 20 for segmentation)")
+    head.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 30; 4)")
+    head.add_argument("--batch-size", type=int, default=16)
+    head.add_argument("--no-export", action="store_true", help="do not write the model folder")
+    head.set_defaults(run=_train_head)
 
     from .pretrain import add_arguments
 

@@ -45,7 +45,7 @@ VENTRICLE_CENTRE_MM = np.array([0.0, -10.0, 15.0])
 MEDIAL_TEMPORAL_CENTRES_MM = (np.array([-28.0, -22.0, -14.0]), np.array([28.0, -22.0, -14.0]))
 AGE_RANGE = (20.0, 90.0)
 LABEL_COLUMNS = ("subject", "age", "disease", "has_tumor", "tumor_volume_ml", "voxel_size_mm", "orientation",
-                 *CONTRASTS, "seg")
+                 *CONTRASTS, "seg", "survival_days", "death_observed")
 
 
 @dataclass
@@ -195,7 +195,16 @@ def synthesize_subject(index: int, seed: int, out_dir: str, tumor_fraction: floa
         row["seg"] = str(path.relative_to(out_dir))
     else:
         row["seg"] = ""
+    row.update(_survival(rng, age, row["tumor_volume_ml"]) if has_tumor else {"survival_days": "", "death_observed": ""})
     return row
+
+
+def _survival(rng: np.random.Generator, age: float, tumor_volume_ml: float) -> dict:
+    """Synthetic overall survival of a tumour subject: an exponential time whose hazard rises with age and
+    tumour volume (a proportional-hazards truth), censored by a uniform follow-up of up to 4 years."""
+    hazard_per_day = (1 / 450) * np.exp(0.03 * (age - 55) + 0.02 * (tumor_volume_ml - 30))
+    event_day, follow_up_day = rng.exponential(1 / hazard_per_day), rng.uniform(180, 1460)
+    return {"survival_days": int(round(max(1.0, min(event_day, follow_up_day)))), "death_observed": int(event_day <= follow_up_day)}
 
 
 def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tumor_fraction: float = 0.5,
@@ -220,6 +229,10 @@ def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tu
         writer = csv.DictWriter(handle, fieldnames=LABEL_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    with open(out_dir / "sequences.csv", "w", newline="") as handle:  # one row per volume: MRI sequence labels
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "contrast", "image"])
+        writer.writerows([row["subject"], contrast, row[contrast]] for row in rows for contrast in CONTRASTS)
     (out_dir / "dataset_description.json").write_text(json.dumps({
         "Name": "BrainDINO synthetic corpus (SYNTHETIC DATA, not real subjects)",
         "synthetic": True,

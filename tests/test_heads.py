@@ -1,0 +1,141 @@
+"""Head training on the frozen backbone: splits, the feature cache, `braindino train-head` as a real process for
+each task, and the exported folder reloading in fresh processes with and without the package."""
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from braindino import BrainDinoForRegression
+from braindino.train.features import FeatureCache, load_backbone
+from braindino.train.heads import HeadTrainingConfig, Sample, subsample, evaluation_splits
+
+
+def _run_cli(*arguments, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "braindino.train.cli", *map(str, arguments)],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_splits_are_disjoint_stratified_seeded_and_keep_every_class():
+    samples = [Sample(subject=str(i), inputs=[], target="abc"[i % 3]) for i in range(30)]
+    config = HeadTrainingConfig(task="classification", labels="x.csv", inputs=["image"], target="contrast")
+    (pool, test), = evaluation_splits(samples, config, seed=0)
+    assert len(test) == 8 and set(pool).isdisjoint(test) and len(pool) + len(test) == 30
+    assert sorted({samples[i].target for i in test}) == ["a", "b", "c"]
+    assert np.array_equal(evaluation_splits(samples, config, seed=0)[0][1], test)  # seeded
+    assert not np.array_equal(evaluation_splits(samples, config, seed=1)[0][1], test)
+    train, validation = subsample(pool, samples, config, 0.1, seed=0)
+    assert set(train).isdisjoint(validation) and set(train) | set(validation) <= set(pool)
+    assert {samples[i].target for i in train} == {"a", "b", "c"}  # 10 % of 22 is 2: still one of each class
+    folds = evaluation_splits(samples, HeadTrainingConfig(task="classification", labels="x.csv", inputs=["image"],
+                                                    target="contrast", folds=3), seed=0)
+    assert sorted(np.concatenate([test for _, test in folds])) == list(range(30))  # each sample tested once
+
+
+def test_feature_cache_resumes_and_refuses_another_backbone(tmp_path, synthetic_corpus):
+    volumes = sorted(synthetic_corpus.glob("*/*_t1.nii.gz"))[:2]
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    backbone = load_backbone(preset="tiny", num_slices=8, size=64)
+    index = FeatureCache(tmp_path / "cache", backbone).extract([*volumes, bad], progress=False)
+    assert len(index["volumes"]) == 2 and "broken.nii.gz" in index["failed"][0]["error"]
+    stamps = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").glob("*.safetensors")}
+    reopened = FeatureCache(tmp_path / "cache", load_backbone(preset="tiny", num_slices=8, size=64))
+    reopened.extract(volumes, progress=False)  # same weights (seeded): nothing is encoded again
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").glob("*.safetensors")} == stamps
+    assert reopened.slice_embeddings(volumes).shape == (2, 8, 192)
+    with pytest.raises(ValueError, match="another backbone"):
+        FeatureCache(tmp_path / "cache", load_backbone(preset="tiny", num_slices=8, size=64, seed=1))
+
+
+def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_anywhere(tmp_path, synthetic_corpus):
+    out = tmp_path / "age"
+    stdout = _run_cli("train-head", "--task", "regression", "--labels", synthetic_corpus / "labels.csv", "--inputs", "t1",
+                      "--target", "age", "--preset", "tiny", "--size", "64", "--num-slices", "8",
+                      "--label-fractions", "0.5", "1.0", "--out", out)
+    assert "mae" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["synthetic_data"] is True and results["random_init"] is True and results["samples"] == 10
+    assert set(results["summary"]) == {"0.5", "1.0"} and len(list((out / "runs").glob("*.json"))) == 2
+    exported = next(run for run in results["runs"] if run["label_fraction"] == 1.0)
+    assert exported["train"] + exported["validation"] + exported["test"] == 10
+
+    card = (out / "model" / "README.md").read_text()
+    assert "not for clinical decisions" in card and "SYNTHETIC" in card
+    assert f"value: {round(results['summary']['1.0']['mae']['mean'], 4)}" in card  # the real number, no placeholder
+
+    # The exported head predicts the test subjects as it did in training, from the cached embeddings, in a fresh
+    # process with the package and in one where the package cannot be imported (the folder's own code).
+    with open(synthetic_corpus / "labels.csv") as handle:
+        paths = {row["subject"]: str((synthetic_corpus / row["t1"]).resolve()) for row in csv.DictReader(handle)}
+    subjects = sorted(exported["test_predictions"])
+    cache = FeatureCache(out / "feature-cache", load_backbone(preset="tiny", num_slices=8, size=64))
+    torch.save(cache.slice_embeddings([paths[subject] for subject in subjects]), tmp_path / "embeddings.pt")
+    expected = [exported["test_predictions"][subject] for subject in subjects]
+    for blocked in (False, True):
+        script = textwrap.dedent(f"""
+            import sys
+            if {blocked}:
+                sys.modules["braindino"] = None
+                from transformers import AutoModel as loader
+            else:
+                from braindino import BrainDinoForRegression as loader
+            import torch
+            model = loader.from_pretrained({str(out / "model")!r}, trust_remote_code=True).eval()
+            assert type(model).__name__ == "BrainDinoForRegression", type(model)
+            with torch.no_grad():
+                ages = model(slice_embeddings=torch.load({str(tmp_path / "embeddings.pt")!r})).logits[:, 0]
+            print(",".join(f"{{age:.4f}}" for age in ages.tolist()))
+        """)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [float(value) for value in result.stdout.strip().split(",")] == pytest.approx(expected, abs=2e-3)
+    assert isinstance(BrainDinoForRegression.from_pretrained(out / "model"), BrainDinoForRegression)
+
+
+def test_sequence_classification_with_folds_and_seeds_tests_every_volume_once_per_seed(tmp_path, synthetic_corpus):
+    out = tmp_path / "sequence"
+    _run_cli("train-head", "--task", "classification", "--labels", synthetic_corpus / "sequences.csv", "--inputs", "image",
+             "--target", "contrast", "--preset", "tiny", "--size", "64", "--num-slices", "8", "--folds", "2",
+             "--seeds", "0", "1", "--label-fractions", "0.2", "--epochs", "20", "--no-export", "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 4 and results["exported_model"] is None and not (out / "model").exists()
+    for seed in (0, 1):
+        tested = [volume for run in results["runs"] if run["seed"] == seed for volume in run["test_predictions"]]
+        assert len(tested) == len(set(tested)) == 40  # 10 subjects x 4 sequences
+        for run in results["runs"]:  # split by subject: no subject's sequences on both sides
+            tested_subjects = {volume.split("/")[0] for volume in run["test_predictions"]}
+            assert len(tested_subjects) * 4 == len(run["test_predictions"])
+    summary = results["summary"]["0.2"]
+    assert summary["balanced_accuracy"]["n"] == 4 and 0 <= summary["balanced_accuracy"]["mean"] <= 1
+
+
+def test_survival_and_segmentation_heads_train_and_score(tmp_path, synthetic_corpus):
+    from transformers import AutoModelForSemanticSegmentation
+
+    survival = tmp_path / "survival"
+    _run_cli("train-head", "--task", "survival", "--labels", synthetic_corpus / "labels.csv", "--inputs", "flair",
+             "--target", "survival_days", "--event", "death_observed", "--preset", "tiny", "--size", "64",
+             "--num-slices", "8", "--folds", "3", "--no-export", "--out", survival)
+    c_index = json.loads((survival / "results.json").read_text())["summary"]["1.0"]["c_index"]
+    assert c_index["n"] >= 1 and 0 <= c_index["mean"] <= 1  # folds without a comparable pair give NaN, not counted
+
+    segmentation = tmp_path / "segmentation"
+    _run_cli("train-head", "--task", "segmentation", "--labels", synthetic_corpus / "labels.csv", "--inputs", "flair",
+             "--target", "seg", "--preset", "tiny", "--size", "64", "--epochs", "2", "--out", segmentation)
+    results = json.loads((segmentation / "results.json").read_text())
+    run = results["runs"][0]
+    with open(synthetic_corpus / "labels.csv") as handle:
+        with_mask = sum(1 for row in csv.DictReader(handle) if row["seg"])
+    assert run["test"] >= 1 and run["train_slices"] > 0 and results["samples"] == with_mask >= 3
+    assert {"dice_whole_tumor", "hd95_whole_tumor", "dice_tumor_core", "dice_enhancing_tumor"} <= set(run["metrics"])
+    assert all(0 <= run["metrics"][name] <= 1 for name in run["metrics"] if name.startswith("dice"))
+    model = AutoModelForSemanticSegmentation.from_pretrained(segmentation / "model")
+    assert model.config.id2label[3] == "enhancing_tumor" and model.config.contrasts == ["flair"]

@@ -1,0 +1,99 @@
+"""Model cards from real results JSON: `huggingface_hub.ModelCard` filled from the templates in `model_cards/`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# What each task's exported head is, for the card and the pipeline it serves.
+TASK_CARDS = {
+    "classification": ("brain-mri-classification", "BrainDinoForClassification", "AutoModelForImageClassification"),
+    "regression": ("brain-age", "BrainDinoForRegression", "AutoModel"),
+    "survival": ("brain-survival", "BrainDinoForRegression", "AutoModel"),
+    "segmentation": ("brain-tumor-segmentation", "BrainDinoForSegmentation", "AutoModelForSemanticSegmentation"),
+}
+METRIC_LIBRARIES = {
+    "classification": "scikit-learn (AUROC, accuracy, balanced accuracy, macro-F1)",
+    "regression": "scikit-learn (MAE, RMSE, R²) and SciPy (Pearson r)",
+    "survival": "lifelines (Harrell's C-index)",
+    "segmentation": "MONAI (Dice, HD95 in mm, BraTS regions; BraTS 2023 conventions for empty masks)",
+}
+# Shown in the table, in this order, where present.
+TABLE_METRICS = ["mae", "rmse", "pearson_r", "r2", "balanced_accuracy", "auroc", "accuracy", "macro_f1", "c_index",
+                 "dice_whole_tumor", "dice_tumor_core", "dice_enhancing_tumor", "hd95_whole_tumor"]
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per label fraction, `mean ± std (n)` over folds and seeds."""
+    first = next(iter(results["summary"].values()))
+    metrics = [name for name in TABLE_METRICS if name in first]
+    lines = ["| labels | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    for fraction, summary in results["summary"].items():
+        cells = [f"{summary[name]['mean']:.3f} ± {summary[name]['std']:.3f} (n={summary[name]['n']})" for name in metrics]
+        lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard:
+    """The card of an exported head; every number comes from `results` (the `train-head` results JSON)."""
+    pipeline_task, model_class, auto_class = TASK_CARDS[results["task"]]
+    largest = max(results["summary"], key=float)
+    dataset = "BrainDINO synthetic corpus (SYNTHETIC)" if results["synthetic_data"] else Path(results["labels"]).parent.name
+    eval_results = [
+        EvalResult(task_type=pipeline_task, dataset_type="braindino-synthetic" if results["synthetic_data"] else "custom",
+                   dataset_name=dataset, metric_type=name, metric_value=round(values["mean"], 4),
+                   metric_name=f"{name} ({float(largest):.0%} of labels, mean of {values['n']} runs)")
+        for name, values in results["summary"][largest].items()
+        if name in TABLE_METRICS and values["n"] > 0
+    ]
+    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"]]
+    if results["synthetic_data"]:
+        tags.append("synthetic-data")
+    model_name = f"BrainDINO {results['task']} head: {results['target']}"
+    card_data = ModelCardData(library_name="transformers", license="other", tags=tags, model_name=model_name,
+                              eval_results=eval_results)
+    runs = results["runs"]
+    exported = next((run for run in runs if results["exported_model"] and
+                     f"fraction{run['label_fraction']:g}-fold{run['fold']}-seed{run['seed']}" == results["exported_model"]["run"]), runs[0])
+    config = results["config"]
+    backbone_note = (
+        "The backbone is randomly initialised (a baseline), not a pretrained BrainDINO."
+        if results["random_init"] else
+        f"Backbone: {results['backbone']}. A backbone started from natural-image DINOv3 weights carries the DINOv3 License."
+    )
+    template = resources.files("braindino.model_cards").joinpath("head.md").read_text()
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_id=model_id,
+        model_name=model_name,
+        model_class=model_class,
+        auto_class=auto_class,
+        pipeline_task=pipeline_task,
+        summary=(f"A {results['task']} head predicting `{results['target']}` from "
+                 f"{', '.join(results['inputs'])} on a frozen BrainDINO backbone ({results['backbone']})."),
+        synthetic_data=results["synthetic_data"],
+        contrasts=results["inputs"],
+        results_table=results_table(results),
+        protocol=results["protocol"],
+        metric_libraries=METRIC_LIBRARIES[results["task"]],
+        training_data=(f"{results['samples']} subjects from `{Path(results['labels']).name}`"
+                       + (" — SYNTHETIC subjects built on MNI152 anatomy (`braindino synth`), not real patients."
+                          if results["synthetic_data"] else ".")),
+        procedure=(f"Backbone frozen; head trained with AdamW (lr {config['learning_rate']}, weight decay "
+                   f"{config['weight_decay']}), early stopping on a validation split (patience {config['patience']} epochs, "
+                   f"at most {config['max_epochs']}); label fractions {config['label_fractions']}, "
+                   f"{config['folds']} fold(s), seeds {config['seeds']}. The exported weights are the run with "
+                   f"{exported['label_fraction']:.0%} of labels, fold {exported['fold']}, seed {exported['seed']} "
+                   f"({exported['train']} training subjects)."),
+        train_size=exported["train"],
+        backbone_note=backbone_note,
+    )
+
+
+def write_head_card(results: dict, folder: str | Path, model_id: str | None = None) -> Path:
+    path = Path(folder) / "README.md"
+    head_card(results, model_id or str(folder)).save(path)
+    return path

@@ -1,0 +1,99 @@
+"""Evaluation metrics, computed by well-kept libraries rather than by hand.
+
+`evaluate` 0.4.6 ships no metric code (its metrics download from the Hub), so: scikit-learn for MAE, RMSE,
+R², ROC-AUC, accuracy, balanced accuracy and macro-F1; SciPy for Pearson r; lifelines for Harrell's C-index;
+MONAI for Dice and HD95 (with voxel spacing). BraTS conventions for empty masks are applied explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+# BraTS regions as sets of labels (1 necrotic core, 2 oedema, 3 enhancing tumour).
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {
+    "whole_tumor": (1, 2, 3),
+    "tumor_core": (1, 3),
+    "enhancing_tumor": (3,),
+}
+# BraTS 2023 scores a false-positive region against an empty reference with this HD95 (mm).
+EMPTY_REFERENCE_HD95 = 373.13
+
+
+def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    targets, predictions = np.asarray(targets, float).ravel(), np.asarray(predictions, float).ravel()
+    pearson = pearsonr(targets, predictions).statistic if len(targets) > 2 and predictions.std() > 0 else float("nan")
+    return {
+        "mae": float(mean_absolute_error(targets, predictions)),
+        "rmse": float(math.sqrt(mean_squared_error(targets, predictions))),
+        "r2": float(r2_score(targets, predictions)) if len(targets) > 1 else float("nan"),
+        "pearson_r": float(pearson),
+    }
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """`labels` (N,) class indices, `probabilities` (N, K). AUROC: binary, or macro one-vs-rest for K > 2;
+    NaN when the evaluation set lacks a class (AUROC is undefined there)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    labels, probabilities = np.asarray(labels, int), np.asarray(probabilities, float)
+    predictions = probabilities.argmax(axis=1)
+    num_classes = probabilities.shape[1]
+    if len(np.unique(labels)) < num_classes:
+        auroc = float("nan")
+    elif num_classes == 2:
+        auroc = float(roc_auc_score(labels, probabilities[:, 1]))
+    else:
+        auroc = float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=list(range(num_classes))))
+    return {
+        "auroc": auroc,
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=list(range(num_classes)), zero_division=0)),
+    }
+
+
+def survival_metrics(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> dict[str, float]:
+    """Harrell's C-index of a risk score (higher risk = earlier event; lifelines ranks the other way, hence -risk).
+    NaN when no pair is comparable (no event before another subject's time)."""
+    from lifelines.utils import concordance_index
+
+    try:
+        return {"c_index": float(concordance_index(np.asarray(times, float), -np.asarray(risk, float), np.asarray(events, bool)))}
+    except ZeroDivisionError:
+        return {"c_index": float("nan")}
+
+
+def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
+    """Dice and HD95 (mm) of two binary volumes. Both empty: Dice 1, HD95 0. One empty: Dice 0, HD95 373.13
+    (BraTS 2023). Otherwise MONAI's `compute_dice` and `compute_hausdorff_distance(percentile=95)`."""
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
+    if not prediction.any() and not reference.any():
+        return {"dice": 1.0, "hd95": 0.0}
+    if not prediction.any() or not reference.any():
+        return {"dice": 0.0, "hd95": EMPTY_REFERENCE_HD95}
+    predicted = torch.from_numpy(prediction)[None, None].float()  # [1, 1, X, Y, Z]
+    expected = torch.from_numpy(reference)[None, None].float()
+    dice = float(compute_dice(predicted, expected, include_background=True)[0, 0])
+    with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = float(compute_hausdorff_distance(predicted, expected, include_background=True, percentile=95,
+                                                spacing=list(map(float, spacing)))[0, 0])
+    return {"dice": dice, "hd95": hd95}
+
+
+def brats_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
+    """Dice and HD95 per BraTS region (whole tumour, tumour core, enhancing tumour) of two label volumes."""
+    metrics = {}
+    for region, labels in BRATS_REGIONS.items():
+        overlap = region_overlap(np.isin(prediction, labels), np.isin(reference, labels), spacing)
+        metrics.update({f"{name}_{region}": value for name, value in overlap.items()})
+    return metrics
