@@ -48,8 +48,11 @@ BrainDinoModel.register_for_auto_class("AutoModel")
 BrainDinoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 BrainDinoForClassification.register_for_auto_class("AutoModelForImageClassification")
 BrainDinoForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-# With no AutoModelForRegression, a regression folder maps `AutoModel` to its own class for remote code.
-BrainDinoForRegression.register_for_auto_class("AutoModel")
+# transformers has no AutoModelForRegression; as with its own `*ForImageClassification` models (which regress when
+# `problem_type="regression"`), a regression folder maps AutoModelForImageClassification to its class for remote code.
+# With the package installed that Auto class gives BrainDinoForClassification, whose forward is the same
+# config-driven code (loss, target statistics, survival risk), so either class serves a regression folder.
+BrainDinoForRegression.register_for_auto_class("AutoModelForImageClassification")
 BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
@@ -75,3 +78,5 @@ __all__ = [
     "cox_partial_likelihood_loss",
     "load_volume",
 ]
+
+from . import pipelines  # noqa: E402  (registers the pipeline tasks; needs the classes above)

@@ -10,6 +10,7 @@ back onto the input's own grid and affine (`to_input_grid`), and a label volume 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
@@ -186,6 +187,32 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         slices = self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear")
         pixel_values = slices.unsqueeze(1).expand(-1, self.num_channels, -1, -1).contiguous()  # [S, C, H, W]
         return pixel_values, geometry
+
+    @staticmethod
+    def resolve_contrasts(inputs, contrasts: list[str] | None) -> list:
+        """The sources a head reads, in its `contrasts` order: a dict `{"t1": ..., "flair": ...}` must name exactly
+        those contrasts (keys are case-insensitive); a single volume serves a single-contrast head."""
+        if isinstance(inputs, dict):
+            given = {str(key).lower(): value for key, value in inputs.items()}
+            name = ", ".join(str(value) if isinstance(value, (str, os.PathLike)) else str(key) for key, value in inputs.items())
+            if not contrasts or len(contrasts) == 1:
+                if len(given) != 1 or (contrasts and contrasts[0].lower() not in given):
+                    wanted = f"one {contrasts[0]} volume" if contrasts else "one volume"
+                    raise BrainDinoInputError(name, f"got contrasts {', '.join(given)}; this model reads {wanted}")
+                return list(given.values())
+            wanted = [contrast.lower() for contrast in contrasts]
+            missing = [contrast for contrast in wanted if contrast not in given]
+            unexpected = [contrast for contrast in given if contrast not in wanted]
+            if missing or unexpected:
+                problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                    [f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+                raise BrainDinoInputError(name, f"wrong contrasts ({'; '.join(problems)}); this model reads {', '.join(wanted)}")
+            return [given[contrast] for contrast in wanted]
+        if contrasts and len(contrasts) > 1:
+            name = str(inputs) if isinstance(inputs, (str, os.PathLike)) else type(inputs).__name__
+            raise BrainDinoInputError(name, f"this model reads {len(contrasts)} contrasts ({', '.join(contrasts)}); "
+                                      "pass a dict such as {" + ", ".join(f"'{c}': ..." for c in contrasts) + "}")
+        return [inputs]
 
     def preprocess_contrasts(
         self, sources: dict[str, VolumeSource], affine: np.ndarray | None = None

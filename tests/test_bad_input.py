@@ -2,11 +2,13 @@
 file and the problem, through the loader and through the processor and CLI entry points."""
 
 import gzip
+import json
 import struct
 import subprocess
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -153,4 +155,5 @@ def test_cli_reports_a_bad_file_and_still_encodes_the_good_one(tmp_path):
     assert result.returncode == 1
     assert f"{bad}: not a readable NIfTI" in result.stderr
     assert "Traceback" not in result.stderr
-    assert (tmp_path / "out" / "good.safetensors").exists()
+    (encoded,) = json.loads((tmp_path / "out" / "features.json").read_text())["volumes"].values()
+    assert encoded["source"] == good and Path(encoded["features"]).exists()

@@ -84,7 +84,7 @@ def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_
             import sys
             if {blocked}:
                 sys.modules["braindino"] = None
-                from transformers import AutoModel as loader
+                from transformers import AutoModelForImageClassification as loader
             else:
                 from braindino import BrainDinoForRegression as loader
             import torch

@@ -10,8 +10,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 # What each task's exported head is, for the card and the pipeline it serves.
 TASK_CARDS = {
     "classification": ("brain-mri-classification", "BrainDinoForClassification", "AutoModelForImageClassification"),
-    "regression": ("brain-age", "BrainDinoForRegression", "AutoModel"),
-    "survival": ("brain-survival", "BrainDinoForRegression", "AutoModel"),
+    "regression": ("brain-age", "BrainDinoForRegression", "AutoModelForImageClassification"),
+    "survival": ("brain-survival", "BrainDinoForRegression", "AutoModelForImageClassification"),
     "segmentation": ("brain-tumor-segmentation", "BrainDinoForSegmentation", "AutoModelForSemanticSegmentation"),
 }
 METRIC_LIBRARIES = {

@@ -113,6 +113,18 @@ def _train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device,
+                            slice_batch_size=args.slice_batch_size)
+    for path in summary["written"]:
+        print(f"  wrote {path}")
+    for failure in summary["failed"]:
+        print(f"  skipped {failure['error']}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import run
 
@@ -195,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--batch-size", type=int, default=16)
     head.add_argument("--no-export", action="store_true", help="do not write the model folder")
     head.set_defaults(run=_train_head)
+
+    from braindino.pipelines import PIPELINE_TASKS
+
+    predict = commands.add_parser("predict", help="run a pipeline on NIfTI files; JSON (and mask NIfTI) per input")
+    predict.add_argument("task", choices=sorted(PIPELINE_TASKS))
+    predict.add_argument("inputs", nargs="+", help="scan.nii.gz, or t1=a.nii.gz,flair=b.nii.gz for multi-contrast heads")
+    predict.add_argument("--model", required=True, help="a head folder (train-head's OUT/model) or Hub id")
+    predict.add_argument("--out", default="outputs/predictions")
+    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    predict.add_argument("--slice-batch-size", type=int, default=32)
+    predict.set_defaults(run=_predict)
 
     from .pretrain import add_arguments
 

@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -462,8 +463,21 @@ def train_heads(config: HeadTrainingConfig) -> dict:
     return results
 
 
-def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Path) -> None:
+def export_head(model, processor, task: str, folder: str | Path) -> Path:
+    """A complete folder: weights, config (labels or target statistics, `auto_map`), processor, module files, and
+    the pipeline code with `custom_pipelines`, so `pipeline(TASK, model=folder, trust_remote_code=True)` runs
+    where this package is not installed. `task` is a train-head task (classification, regression, ...)."""
+    from braindino.pipelines import TASK_FOR_HEAD, custom_pipelines_entry, pipeline_module_file
+
+    folder = Path(folder)
+    model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
     model.save_pretrained(folder)
-    processor = copy.deepcopy(backbone.processor)
-    processor.num_slices = config.num_slices if config.task != "segmentation" else None
     processor.save_pretrained(folder)
+    shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
+    return folder
+
+
+def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Path) -> None:
+    processor = copy.deepcopy(backbone.processor)
+    processor.num_slices = config.num_slices if config.task != "segmentation" else None  # masks map back exactly
+    export_head(model, processor, config.task, folder)

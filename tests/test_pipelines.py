@@ -1,0 +1,182 @@
+"""`pipeline(TASK, model=folder)` for every BrainDINO task on real NIfTI files: input forms, contrasts, the mask
+on the input's own grid and affine, bad input through the pipeline, `braindino predict`, and the folder's own
+pipeline code in a fresh process where the package cannot be imported."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+from braindino import (
+    BrainDinoConfig,
+    BrainDinoForClassification,
+    BrainDinoForRegression,
+    BrainDinoForSegmentation,
+    BrainDinoImageProcessor,
+    BrainDinoInputError,
+    BrainDinoModel,
+)
+from braindino.train.heads import export_head
+
+CONTRASTS = ["t1", "t1ce", "t2", "flair"]
+
+
+def _config(**overrides):
+    return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           layerscale_value=1.0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """Head folders as train-head exports them (random weights: these tests are about the plumbing)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("heads")
+    volume_processor = BrainDinoImageProcessor(size=32, num_slices=8)
+    age = BrainDinoForRegression(_config(num_labels=1, target_mean=[55.0], target_std=[15.0], contrasts=["t1"]))
+    survival = BrainDinoForRegression(_config(problem_type="survival", contrasts=CONTRASTS))
+    classes = ["flair", "t1", "t1ce", "t2"]
+    sequence = BrainDinoForClassification(_config(num_labels=4, id2label=dict(enumerate(classes)),
+                                                  label2id={c: i for i, c in enumerate(classes)}))
+    labels = ["background", "necrotic_core", "edema", "enhancing_tumor"]
+    segmentation = BrainDinoForSegmentation(_config(num_labels=4, id2label=dict(enumerate(labels)),
+                                                    label2id={c: i for i, c in enumerate(labels)}, contrasts=["flair"]))
+    folders = {
+        "age": export_head(age.eval(), volume_processor, "regression", root / "age"),
+        "survival": export_head(survival.eval(), volume_processor, "survival", root / "survival"),
+        "sequence": export_head(sequence.eval(), volume_processor, "classification", root / "sequence"),
+        "segmentation": export_head(segmentation.eval(), BrainDinoImageProcessor(size=128), "segmentation",
+                                    root / "segmentation"),
+    }
+    BrainDinoModel(_config()).save_pretrained(root / "backbone")
+    volume_processor.save_pretrained(root / "backbone")
+    folders["backbone"] = root / "backbone"
+    return folders
+
+
+@pytest.fixture(scope="module")
+def subject(synthetic_corpus):
+    """The first synthetic subject with a tumour: its four contrasts and its reference mask ("seg")."""
+    folder = sorted(path.parent for path in synthetic_corpus.glob("*/*_seg.nii.gz"))[0]
+    return {name: str(next(folder.glob(f"*_{name}.nii.gz"))) for name in [*CONTRASTS, "seg"]}
+
+
+def test_brain_age_accepts_a_path_an_image_an_array_with_affine_and_a_list(heads, subject):
+    predict = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)
+    from_path = predict(subject["t1"])
+    assert set(from_path) == {"age", "num_slices"} and from_path["num_slices"] == 8
+    image = nib.load(subject["t1"])
+    assert predict(image) == from_path
+    assert predict(np.asanyarray(image.dataobj), affine=image.affine) == from_path
+    assert predict((np.asanyarray(image.dataobj), image.affine)) == from_path
+    assert predict([subject["t1"], subject["t1"]], slice_batch_size=3) == [from_path, from_path]
+    assert predict({"T1": subject["t1"]}) == from_path  # a dict naming the head's one contrast
+
+
+def test_each_task_returns_its_result(heads, subject):
+    ranked = pipeline("brain-mri-classification", model=str(heads["sequence"]), trust_remote_code=True)(subject["flair"])
+    assert [entry["label"] for entry in ranked] != [] and sorted(entry["label"] for entry in ranked) == ["flair", "t1", "t1ce", "t2"]
+    assert sum(entry["score"] for entry in ranked) == pytest.approx(1.0, abs=1e-3)
+    assert ranked == sorted(ranked, key=lambda entry: -entry["score"])
+    risk = pipeline("brain-survival", model=str(heads["survival"]), trust_remote_code=True)({c: subject[c] for c in CONTRASTS})
+    assert set(risk) == {"risk", "num_slices"} and np.isfinite(risk["risk"])
+    features = pipeline("brain-mri-feature-extraction", model=str(heads["backbone"]), trust_remote_code=True)(
+        subject["t1"], return_slice_embeddings=True)
+    assert features["embedding"].shape == (64,) and features["slice_embeddings"].shape == (8, 64)
+    np.testing.assert_allclose(features["embedding"], features["slice_embeddings"].mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_segmentation_mask_lies_on_the_input_grid_and_affine(heads, tmp_path, subject):
+    # Re-store the scan in LPS voxel order with an oblique affine: the same anatomy, another grid.
+    image = nib.load(subject["flair"])
+    flipped = np.ascontiguousarray(np.asanyarray(image.dataobj)[::-1, ::-1, :])
+    lps_affine = image.affine @ np.array([[-1, 0, 0, image.shape[0] - 1], [0, -1, 0, image.shape[1] - 1],
+                                         [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    angle = np.deg2rad(9)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    path = str(tmp_path / "lps_oblique_flair.nii.gz")
+    nib.save(nib.Nifti1Image(flipped, rotation @ lps_affine), path)
+
+    segment = pipeline("brain-tumor-segmentation", model=str(heads["segmentation"]), trust_remote_code=True)
+    result = segment(path)
+    mask = result["mask"]
+    assert isinstance(mask, nib.Nifti1Image) and mask.shape == flipped.shape
+    np.testing.assert_array_equal(mask.affine, nib.load(path).affine)  # as stored (NIfTI keeps float32)
+    np.testing.assert_allclose(mask.affine, rotation @ lps_affine, atol=1e-4)
+    # The mask is the model's own slice predictions carried back by the processor's inverse, with nothing else
+    # flipped or shifted on the way ...
+    processor = segment.image_processor
+    pixel_values, geometry = processor.preprocess_volume(path)
+    with torch.no_grad():
+        slice_masks = segment.model(pixel_values).logits.argmax(dim=1)
+    assert slice_masks.unique().numel() > 1  # a random head still predicts several labels: the test can fail
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(processor.mask_to_nifti(slice_masks, geometry).dataobj))
+    # ... and that inverse is exact on this very file: the reference tumour labels, stored the same way, go to the
+    # model's slices (the forward path training uses) and come back voxel for voxel.
+    reference = np.ascontiguousarray(np.asanyarray(nib.load(subject["seg"]).dataobj)[::-1, ::-1, :])
+    assert reference.any()
+    round_trip = processor.mask_to_nifti(processor.to_model_grid(reference, geometry), geometry)
+    np.testing.assert_array_equal(np.asanyarray(round_trip.dataobj), reference)
+    voxel_ml = abs(np.linalg.det(mask.affine[:3, :3])) / 1000
+    labels = np.asanyarray(mask.dataobj)
+    assert result["volumes_ml"]["edema"] == pytest.approx((labels == 2).sum() * voxel_ml, abs=1e-3)
+    assert result["volumes_ml"]["whole_tumor"] == pytest.approx((labels > 0).sum() * voxel_ml, abs=1e-3)
+
+
+def test_bad_input_through_the_pipeline_names_the_file_and_the_problem(heads, tmp_path, subject):
+    predict = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    with pytest.raises(BrainDinoInputError, match="notes.nii.gz"):
+        predict(str(text))
+    with pytest.raises(BrainDinoInputError, match="affine"):
+        predict(np.zeros((8, 8, 8), np.float32))
+    survival = pipeline("brain-survival", model=str(heads["survival"]), trust_remote_code=True)
+    with pytest.raises(BrainDinoInputError, match="reads 4 contrasts"):
+        survival(subject["t1"])
+    wrong = {"t1": subject["t1"], "t1ce": subject["t1ce"], "flair": subject["flair"], "dwi": subject["t2"]}
+    with pytest.raises(BrainDinoInputError, match="missing t2; unexpected dwi"):
+        survival(wrong)
+
+
+def test_predict_command_writes_json_and_mask_and_skips_a_bad_file(heads, tmp_path, subject):
+    result = subprocess.run(
+        [sys.executable, "-m", "braindino.train.cli", "predict", "brain-tumor-segmentation", subject["flair"],
+         str(tmp_path / "missing.nii.gz"), "--model", str(heads["segmentation"]), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "missing.nii.gz: no such file" in result.stderr and "Traceback" not in result.stderr
+    record = json.loads((tmp_path / "out" / Path(subject["flair"]).name.replace(".nii.gz", ".json")).read_text())
+    mask = nib.load(record["mask"])
+    np.testing.assert_array_equal(mask.affine, nib.load(subject["flair"]).affine)
+    assert set(record["result"]["volumes_ml"]) >= {"whole_tumor", "tumor_core", "enhancing_tumor"}
+    survival = subprocess.run(
+        [sys.executable, "-m", "braindino.train.cli", "predict", "brain-survival",
+         ",".join(f"{contrast}={subject[contrast]}" for contrast in CONTRASTS), "--model", str(heads["survival"]),
+         "--out", str(tmp_path / "risk")], capture_output=True, text=True, timeout=300,
+    )
+    assert survival.returncode == 0, survival.stderr[-2000:]
+    (written,) = (tmp_path / "risk").glob("*_t1.json")
+    assert "risk" in json.loads(written.read_text())["result"]
+
+
+def test_head_folder_runs_its_own_pipeline_code_where_the_package_is_not_importable(heads, subject):
+    expected = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)(subject["t1"])
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["braindino"] = None
+        from transformers import pipeline
+        predict = pipeline("brain-age", model={str(heads["age"])!r}, trust_remote_code=True)
+        assert type(predict).__module__.startswith("transformers_modules"), type(predict).__module__
+        print(predict({subject["t1"]!r})["age"])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected["age"], abs=0.01)

@@ -1,0 +1,75 @@
+"""`braindino predict`: run a pipeline over NIfTI files, writing one JSON per input (and the mask NIfTI for
+segmentation) beside a progress bar. A bad file is reported and skipped; the others are still predicted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from braindino import BrainDinoImageProcessor, BrainDinoInputError
+from braindino.pipelines import PIPELINE_TASKS
+
+
+def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """The pipeline for `task` on a local folder or Hub id, built from this package's classes (so no remote code
+    runs, even for folders that also carry `custom_pipelines` for users without the package)."""
+    pipeline_class, model_class, _ = PIPELINE_TASKS[task]
+    loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
+    processor = BrainDinoImageProcessor.from_pretrained(model)
+    return pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)
+
+
+def parse_input(argument: str) -> str | dict[str, str]:
+    """`scan.nii.gz`, or `t1=a.nii.gz,flair=b.nii.gz` for the contrasts of one subject."""
+    if "=" not in argument:
+        return argument
+    pairs = [item.split("=", 1) for item in argument.split(",")]
+    return {contrast.strip(): path.strip() for contrast, path in pairs}
+
+
+def _output_name(source: str | dict[str, str]) -> str:
+    first = source if isinstance(source, str) else next(iter(source.values()))
+    return Path(first).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    return value
+
+
+def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = None,
+                  slice_batch_size: int = 32) -> dict:
+    """Predict each input; return `{"written": [...], "failed": [{"source", "error"}]}`."""
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(task, model, device=device)
+    summary = {"written": [], "failed": []}
+    for argument in tqdm(inputs, desc=task, unit="volume"):
+        source = parse_input(argument)
+        try:
+            result = pipe(source, slice_batch_size=slice_batch_size)
+        except (BrainDinoInputError, ValueError) as error:
+            summary["failed"].append({"source": argument, "error": str(error)})
+            continue
+        name = _output_name(source)
+        record = {"task": task, "model": model, "source": source}
+        if task == "brain-tumor-segmentation":
+            mask_path = out_dir / f"{name}_seg.nii.gz"
+            nib.save(result.pop("mask"), mask_path)
+            record["mask"] = str(mask_path)
+        record["result"] = _jsonable(result)
+        json_path = out_dir / f"{name}.json"
+        json_path.write_text(json.dumps(record, indent=2))
+        summary["written"].append(str(json_path))
+    return summary
