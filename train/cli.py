@@ -125,6 +125,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _push_to_hub(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    print(f"pushed {args.folder} → {push_folder(args.folder, args.repo_id, private=args.private)}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import run
 
@@ -218,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument("--slice-batch-size", type=int, default=32)
     predict.set_defaults(run=_predict)
+
+    push = commands.add_parser("push-to-hub", help="upload a saved folder (head export or backbone) to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id", help="user/name")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(run=_push_to_hub)
 
     from .pretrain import add_arguments
 

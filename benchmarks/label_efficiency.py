@@ -1,0 +1,102 @@
+"""Label efficiency on the SYNTHETIC corpus: a pretrained backbone vs the same architecture at random
+initialisation, both frozen, with 1 %, 10 % and 100 % of the training labels, under `braindino train-head`'s
+protocol (test split fixed per seed and split by subject, validation carved from the training subsample).
+
+- brain age: regression head on T1 volumes, MAE in years (lower is better);
+- MRI sequence (T1 / T1ce / T2 / FLAIR): classification head on every volume, balanced accuracy;
+- tumour segmentation: the paper's decoder on FLAIR slices of tumour subjects, whole-tumour Dice on the input grid.
+
+Subjects are numbered from 1000, so they are not among the subjects a backbone was pretrained on by
+`braindino quickstart` or `benchmarks/pretrain_probe.py`. Without `--backbone` the script first pretrains the tiny
+recipe for `--pretrain-minutes` on its own SYNTHETIC corpus.
+
+    python benchmarks/label_efficiency.py --backbone outputs/quickstart/pretrain/final/backbone
+    python benchmarks/label_efficiency.py --pretrain-minutes 10 --subjects 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from braindino.train.heads import HeadTrainingConfig, train_heads
+from braindino.train.synthetic import write_synthetic_corpus
+
+FRACTIONS = [0.01, 0.1, 1.0]
+TASKS = {  # name → (train-head settings, metric, higher is better)
+    "brain age": (dict(task="regression", labels="labels.csv", inputs=["t1"], target="age"), "mae", False),
+    "MRI sequence": (dict(task="classification", labels="sequences.csv", inputs=["image"], target="contrast"),
+                     "balanced_accuracy", True),
+    "tumour segmentation": (dict(task="segmentation", labels="labels.csv", inputs=["flair"], target="seg"),
+                            "dice_whole_tumor", True),
+}
+
+
+def pretrained_backbone(out: Path, minutes: float, workers: int) -> str:
+    from braindino.train.corpus import prepare_corpus
+    from braindino.train.pretrain import PretrainConfig, pretrain
+
+    write_synthetic_corpus(out / "pretrain-subjects", 24, seed=0, workers=workers)
+    prepare_corpus([out / "pretrain-subjects"], out / "pretrain-corpus", workers=workers)
+    recipe = PretrainConfig.load("tiny", corpus=str(out / "pretrain-corpus"), output_dir=str(out / "pretrain"),
+                                 time_limit_minutes=minutes, num_workers=workers, tracker=None)
+    return pretrain(recipe, resume=False)["backbone"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", help="a pretrained BrainDINO folder (default: pretrain one here first)")
+    parser.add_argument("--pretrain-minutes", type=float, default=10.0)
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--segmentation-seeds", type=int, nargs="+", default=[0], help="segmentation is the slow task")
+    parser.add_argument("--num-slices", type=int, default=32)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--out", default="outputs/label-efficiency")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    out = Path(args.out)
+    started = time.perf_counter()
+    backbone = args.backbone or pretrained_backbone(out, args.pretrain_minutes, args.workers)
+    corpus = out / "synthetic"
+    if not (corpus / "labels.csv").exists():
+        write_synthetic_corpus(corpus, args.subjects, seed=1, tumor_fraction=0.6, workers=args.workers, first_index=1000)
+    # the random baseline sees slices at the pretrained backbone's canvas size
+    size = json.loads((Path(backbone) / "preprocessor_config.json").read_text())["size"]
+
+    table = {}
+    for name in args.tasks:
+        settings, metric, higher = TASKS[name]
+        seeds = args.segmentation_seeds if settings["task"] == "segmentation" else args.seeds
+        for label, source in (("pretrained", {"backbone": backbone}), ("random init", {"preset": "tiny"})):
+            run_dir = out / name.replace(" ", "-") / label.replace(" ", "-")
+            config = HeadTrainingConfig(**{**settings, "labels": str(corpus / settings["labels"])}, **source,
+                                        output_dir=str(run_dir), label_fractions=FRACTIONS, seeds=seeds,
+                                        num_slices=args.num_slices, size=size, export=False,
+                                        cache_dir=str(out / "feature-cache" / label.replace(" ", "-")))
+            print(f"{name}, {label} backbone:", flush=True)
+            table[(name, label)] = (train_heads(config)["summary"], metric, higher, len(seeds))
+
+    print(f"\nSYNTHETIC corpus, {args.subjects} subjects; frozen tiny backbones; {time.perf_counter() - started:.0f} s in all")
+    print(f"pretrained: {backbone}\n")
+    print("| task | metric | labels | pretrained | random init | better |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.tasks:
+        for fraction in FRACTIONS:
+            cells = []
+            for label in ("pretrained", "random init"):
+                summary, metric, higher, runs = table[(name, label)]
+                values = summary[str(fraction)][metric]
+                cells.append(values["mean"])
+                cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}")
+            pretrained_mean, pretrained_text, random_mean, random_text = cells
+            better = "pretrained" if (pretrained_mean > random_mean) == higher else "random init"
+            print(f"| {name} | {metric} | {fraction:.0%} | {pretrained_text} | {random_text} | {better} |")
+    (out / "table.json").write_text(json.dumps({f"{name} | {label}": summary for (name, label), (summary, *_rest) in table.items()},
+                                               indent=2))
+
+
+if __name__ == "__main__":
+    main()
