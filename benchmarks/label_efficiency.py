@@ -89,8 +89,8 @@ def main() -> None:
             for label in ("pretrained", "random init"):
                 summary, metric, higher, runs = table[(name, label)]
                 values = summary[str(fraction)][metric]
-                cells.append(values["mean"])
-                cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}")
+                cells.append(values["mean"] if values["n"] else float("nan"))
+                cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined")
             pretrained_mean, pretrained_text, random_mean, random_text = cells
             better = "pretrained" if (pretrained_mean > random_mean) == higher else "random init"
             print(f"| {name} | {metric} | {fraction:.0%} | {pretrained_text} | {random_text} | {better} |")

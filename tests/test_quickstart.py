@@ -16,7 +16,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[5/5]" in result.stdout and "SYNTHETIC" in result.stdout
+    assert "[7/7]" in result.stdout and "SYNTHETIC" in result.stdout
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "slice corpus: 8 volumes" in report
     assert Image.open(out / "crops.png").size == (448, 224 + 112)
@@ -28,4 +28,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
     assert "pretraining:" in report
     assert set(json.loads((out / "timings.json").read_text())) == {
-        "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction"}
+        "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction", "task heads", "pipelines"}
+    age = json.loads((out / "heads" / "brain-age" / "results.json").read_text())
+    assert age["synthetic_data"] is True and not age["random_init"] and (out / "heads" / "brain-age" / "model" / "README.md").exists()
+    prediction = json.loads((out / "predictions" / "brain-age" / "synthetic-0002_t1.json").read_text())
+    assert prediction["result"]["num_slices"] == 32 and 0 < prediction["result"]["age"] < 150
+    assert "brain-age" in report and "predicted age" in report

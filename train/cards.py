@@ -31,7 +31,8 @@ def results_table(results: dict) -> str:
     metrics = [name for name in TABLE_METRICS if name in first]
     lines = ["| labels | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
     for fraction, summary in results["summary"].items():
-        cells = [f"{summary[name]['mean']:.3f} ± {summary[name]['std']:.3f} (n={summary[name]['n']})" for name in metrics]
+        cells = [f"{summary[name]['mean']:.3f} ± {summary[name]['std']:.3f} (n={summary[name]['n']})"
+                 if summary[name]["n"] else "undefined" for name in metrics]
         lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

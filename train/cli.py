@@ -106,7 +106,8 @@ def _train_head(args: argparse.Namespace) -> int:
     primary = results["primary_metric"]
     for fraction, summary in results["summary"].items():
         values = summary[primary]
-        print(f"{float(fraction):.0%} of labels: {primary} {values['mean']:.3f} ± {values['std']:.3f} over {values['n']} runs")
+        score = f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined (too few test subjects)"
+        print(f"{float(fraction):.0%} of labels: {primary} {score} over {values['n']} runs")
     if results["exported_model"]:
         print(f"exported {results['exported_model']['folder']} (with README.md model card)")
     print(f"wrote {Path(config.output_dir) / 'results.json'}")

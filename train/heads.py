@@ -385,16 +385,28 @@ def _segmentation_run(backbone, samples, config, train, validation, test, seed) 
 # --------------------------------------------------------------------------- the command
 
 
+def json_safe(value):
+    """NaN (an undefined metric, e.g. Pearson r of one test subject) → None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean, standard deviation and count of every metric per label fraction (over folds and seeds)."""
     summary = {}
     for fraction in sorted({run["label_fraction"] for run in runs}):
         selected = [run["metrics"] for run in runs if run["label_fraction"] == fraction]
-        summary[str(fraction)] = {
-            name: {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "n": int(np.isfinite(values).sum())}
-            for name in selected[0]
-            for values in [np.array([metrics[name] for metrics in selected], float)]
-        }
+        summary[str(fraction)] = {}
+        for name in selected[0]:
+            values = np.array([metrics[name] for metrics in selected], float)
+            finite = values[np.isfinite(values)]
+            summary[str(fraction)][name] = {"mean": float(finite.mean()) if len(finite) else float("nan"),
+                                            "std": float(finite.std()) if len(finite) else float("nan"), "n": len(finite)}
     return summary
 
 
@@ -430,7 +442,7 @@ def train_heads(config: HeadTrainingConfig) -> dict:
                 if not len(validation):
                     run["note"] = "too few labels for a validation split: trained for max_epochs without early stopping"
                 name = f"fraction{fraction:g}-fold{fold}-seed{seed}"
-                (out / "runs" / f"{name}.json").write_text(json.dumps(run, indent=2))
+                (out / "runs" / f"{name}.json").write_text(json.dumps(json_safe(run), indent=2, allow_nan=False))
                 runs.append(run)
                 primary = PRIMARY_METRIC[config.task]
                 print(f"  {name}: train {len(train)} / validation {len(validation)} / test {len(test)}, "
@@ -455,7 +467,8 @@ def train_heads(config: HeadTrainingConfig) -> dict:
         "runs": runs,
         "exported_model": exported,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results = json_safe(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     if exported:
         from .cards import write_head_card
 

@@ -1,8 +1,9 @@
 """`braindino quickstart`: the main job, end to end on the embedded SYNTHETIC data, with a short report.
 
-Today: synthetic corpus → slice corpus → one epoch of the streaming multi-crop loader (with a picture of
-the crops) → a time-bounded pretraining of the tiny backbone → frozen features of held-out scans and of the
-real MNI152 template with that backbone. Heads, pipelines and the Space join this chain as they land.
+Synthetic corpus → slice corpus → one epoch of the streaming multi-crop loader (with a picture of the crops) →
+a time-bounded pretraining of the tiny backbone → frozen features of held-out scans and of the real MNI152
+template → a brain-age head and a tumour-segmentation head on that backbone (`train-head`) → every pipeline on a
+held-out scan (the mask written as NIfTI on the scan's grid). The Space joins this chain when it lands.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
     from .synthetic import CONTRASTS, write_synthetic_corpus
 
     out_dir = Path(out_dir)
-    total = 5
+    total = 7
     timings = {}
-    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 2:.0f} minutes on a 2-core CPU)",
+    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 3:.0f} minutes on a 2-core CPU)",
           flush=True)
 
     started = _step(1, total, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
@@ -72,6 +73,14 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
     features = extract_features(scans, backbone, out_dir / "features")
     timings["feature extraction"] = time.perf_counter() - started
 
+    started = _step(6, total, "task heads on the frozen backbone: brain age (T1) and tumour segmentation (FLAIR)")
+    heads = train_quickstart_heads(out_dir, trained["backbone"], seed)
+    timings["task heads"] = time.perf_counter() - started
+
+    started = _step(7, total, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
+    predictions = run_quickstart_pipelines(out_dir, heads, trained["backbone"], held_out_scans[0].parent)
+    timings["pipelines"] = time.perf_counter() - started
+
     report = out_dir / "report.md"
     lines = [
         "# BrainDINO quickstart report",
@@ -87,6 +96,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
         f"- features ({backbone.description}): "
         + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in features["volumes"]),
+        *head_report_lines(heads),
+        *[f"- `{task}` on `{name}`: {summary}" for task, (name, summary) in predictions.items()],
         "",
         "| stage | seconds |",
         "| --- | --- |",
@@ -98,3 +109,61 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     print(f"done: {report}")
     return report
+
+
+def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str, dict]:
+    """A brain-age head (all labels and 50 %) and, where at least 3 subjects have a tumour, a segmentation head."""
+    import csv
+
+    from .heads import HeadTrainingConfig, train_heads
+
+    labels = out_dir / "synthetic" / "labels.csv"
+    common = dict(labels=str(labels), backbone=backbone, seeds=[seed], num_slices=32)
+    heads = {"brain age": train_heads(HeadTrainingConfig(task="regression", inputs=["t1"], target="age",
+                                                         label_fractions=[0.5, 1.0], output_dir=str(out_dir / "heads" / "brain-age"),
+                                                         **common))}
+    with open(labels) as handle:
+        tumour_subjects = sum(1 for row in csv.DictReader(handle) if row["seg"])
+    if tumour_subjects >= 3:
+        heads["tumour segmentation"] = train_heads(HeadTrainingConfig(
+            task="segmentation", inputs=["flair"], target="seg", max_epochs=8,
+            output_dir=str(out_dir / "heads" / "tumour-segmentation"), **common))
+    else:
+        print(f"  only {tumour_subjects} synthetic subjects have a tumour: no segmentation head (use --subjects 8 or more)")
+    return heads
+
+
+def head_report_lines(heads: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, results in heads.items():
+        metric = results["primary_metric"]
+        scores = ", ".join(f"{float(fraction):.0%} of labels: {summary[metric]['mean']:.3f}"
+                           for fraction, summary in results["summary"].items())
+        lines.append(f"- {name} head ({results['samples']} SYNTHETIC subjects, test split held out): {metric} {scores}; "
+                     f"exported to `{results['exported_model']['folder']}` with its model card")
+    return lines
+
+
+def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path) -> dict:
+    """Every pipeline whose head exists, on one held-out subject, through `braindino predict`'s code path."""
+    from .predict import predict_files
+
+    scans = {contrast: str(next(subject_dir.glob(f"*_{contrast}.nii.gz"))) for contrast in ("t1", "flair")}
+    jobs = {"brain-age": (heads["brain age"]["exported_model"]["folder"], scans["t1"]),
+            "brain-mri-feature-extraction": (backbone, scans["t1"])}
+    if "tumour segmentation" in heads:
+        jobs["brain-tumor-segmentation"] = (heads["tumour segmentation"]["exported_model"]["folder"], scans["flair"])
+    summaries = {}
+    for task, (model, scan) in jobs.items():
+        written = predict_files(task, model, [scan], out_dir / "predictions" / task)["written"]
+        result = json.loads(Path(written[0]).read_text())
+        if task == "brain-age":
+            text = f"predicted age {result['result']['age']:.1f} years from {result['result']['num_slices']} slices"
+        elif task == "brain-tumor-segmentation":
+            volumes = result["result"]["volumes_ml"]
+            text = (f"whole tumour {volumes['whole_tumor']:.1f} ml; mask `{Path(result['mask']).relative_to(out_dir)}` "
+                    "on the scan's own grid")
+        else:
+            text = f"a {len(result['result']['embedding'])}-dimensional volume embedding"
+        summaries[task] = (Path(scan).name, text)
+    return summaries
