@@ -168,3 +168,14 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
         difference = (model.braindino(pixel_values).last_hidden_state - source(pixel_values).last_hidden_state).abs().max()
     assert difference <= 1e-4
     assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
+
+
+def test_knn_monitor_scores_the_teacher_during_pretraining(recipe, tmp_path):
+    corpus = json.loads(recipe.read_text())["corpus"]
+    sequences = Path(corpus).parent / "synthetic" / "sequences.csv"
+    result = subprocess.run(_command(recipe, tmp_path / "run", "--iterations", "10", "--knn-labels", str(sequences),
+                                     "--knn-every", "5"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _losses(tmp_path / "run")
+    assert [i for i, record in records.items() if "knn_balanced_accuracy" in record] == [5, 10]
+    assert all(0.0 <= records[i]["knn_balanced_accuracy"] <= 1.0 for i in (5, 10))

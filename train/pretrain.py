@@ -82,6 +82,10 @@ class PretrainConfig:
     seed: int = 0
     tracker: str | None = "tensorboard"
     time_limit_minutes: float | None = None  # stop early (checkpoint + export) once this much wall time has passed
+    knn_labels: str | None = None  # optional k-NN monitor: a CSV of labelled volumes (e.g. synth's sequences.csv)
+    knn_image_column: str = "image"
+    knn_target: str = "contrast"
+    knn_every: int = 100
 
     @classmethod
     def load(cls, path_or_recipe: str, **overrides) -> "PretrainConfig":
@@ -327,6 +331,11 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                                                      if isinstance(v, (int, float, str, bool))})
     metrics_path = output_dir / "metrics.jsonl"
     freeze_prototypes_until = int(config.freeze_prototypes_epochs * config.iterations_per_epoch)
+    knn_monitor = None
+    if config.knn_labels and accelerator.is_main_process:
+        from .knn_monitor import KnnMonitor
+
+        knn_monitor = KnnMonitor(config.knn_labels, config.knn_image_column, config.knn_target, config.global_crop_size)
     progress = tqdm(range(start_iteration, config.iterations), initial=start_iteration, total=config.iterations,
                     desc="pretrain", disable=not accelerator.is_main_process)
     started = time.perf_counter()
@@ -366,6 +375,8 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
         names = ["loss", *losses]  # one all-reduce for every logged loss, not one per loss
         means = accelerator.reduce(torch.tensor([record[name] for name in names], device=accelerator.device), reduction="mean")
         record.update(zip(names, means.tolist()))
+        if knn_monitor is not None and (iteration + 1) % config.knn_every == 0:
+            record["knn_balanced_accuracy"] = knn_monitor(teacher.braindino)
         if accelerator.is_main_process:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -460,6 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
     parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--knn-labels", help="k-NN monitor: CSV of labelled volumes (columns image, contrast by default)")
+    parser.add_argument("--knn-every", type=int, help="k-NN monitor interval in iterations (default 100)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -468,7 +481,8 @@ def run(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                                  num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
                                  init_format=args.init_format, mixed_precision=args.mixed_precision,
-                                 time_limit_minutes=args.time_limit_minutes)
+                                 time_limit_minutes=args.time_limit_minutes, knn_labels=args.knn_labels,
+                                 knn_every=args.knn_every)
     if args.tracker is not None:
         config.tracker = tracker
     if not config.corpus:
