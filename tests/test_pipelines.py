@@ -180,3 +180,10 @@ def test_head_folder_runs_its_own_pipeline_code_where_the_package_is_not_importa
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected["age"], abs=0.01)
+
+
+def test_bfloat16_pipeline_runs_the_model_in_bfloat16_and_agrees_with_float32(heads, subject):
+    full = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)(subject["t1"])
+    half = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True, dtype=torch.bfloat16, device="cpu")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half(subject["t1"])["age"] == pytest.approx(full["age"], abs=1.0)

@@ -35,7 +35,7 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
     out_dir = Path(out_dir)
     total = 7
     timings = {}
-    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 3:.0f} minutes on a 2-core CPU)",
+    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 1.5:.1f} minutes on a 2-core CPU)",
           flush=True)
 
     started = _step(1, total, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
