@@ -58,3 +58,44 @@ def synthetic_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic_corpus(out, 10, seed=3, tumor_fraction=0.6, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def head_folders(tmp_path_factory) -> dict:
+    """Head folders as train-head exports them, plus a backbone folder (random weights, width 64: these serve
+    tests of the plumbing — pipelines, CLI, Space — not of what a head learns)."""
+    from braindino import (
+        BrainDinoForClassification,
+        BrainDinoForRegression,
+        BrainDinoForSegmentation,
+        BrainDinoImageProcessor,
+        BrainDinoModel,
+    )
+    from braindino.train.heads import export_head
+
+    def config(**overrides):
+        return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                               layerscale_value=1.0, **overrides)
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("heads")
+    volume_processor = BrainDinoImageProcessor(size=32, num_slices=8)
+    age = BrainDinoForRegression(config(num_labels=1, target_mean=[55.0], target_std=[15.0], contrasts=["t1"]))
+    survival = BrainDinoForRegression(config(problem_type="survival", contrasts=["t1", "t1ce", "t2", "flair"]))
+    classes = ["flair", "t1", "t1ce", "t2"]
+    sequence = BrainDinoForClassification(config(num_labels=4, id2label=dict(enumerate(classes)),
+                                                 label2id={c: i for i, c in enumerate(classes)}))
+    labels = ["background", "necrotic_core", "edema", "enhancing_tumor"]
+    segmentation = BrainDinoForSegmentation(config(num_labels=4, id2label=dict(enumerate(labels)),
+                                                   label2id={c: i for i, c in enumerate(labels)}, contrasts=["flair"]))
+    folders = {
+        "age": export_head(age.eval(), volume_processor, "regression", root / "age"),
+        "survival": export_head(survival.eval(), volume_processor, "survival", root / "survival"),
+        "sequence": export_head(sequence.eval(), volume_processor, "classification", root / "sequence"),
+        "segmentation": export_head(segmentation.eval(), BrainDinoImageProcessor(size=128), "segmentation",
+                                    root / "segmentation"),
+    }
+    BrainDinoModel(config()).save_pretrained(root / "backbone")
+    BrainDinoImageProcessor(size=128).save_pretrained(root / "backbone")
+    folders["backbone"] = root / "backbone"
+    return folders

@@ -1,0 +1,118 @@
+"""The Gradio Space as a real process on loopback, driven with gradio_client: each task returns a sane result and
+a bad file gets a readable message (not a stack trace)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")  # the Space extra; installed by the test extra
+
+APP = Path(__file__).resolve().parents[1] / "spaces" / "app.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space(head_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("space")
+    config = {"brain_age": str(head_folders["age"]), "classification": str(head_folders["sequence"]),
+              "segmentation": str(head_folders["segmentation"]), "backbone": str(head_folders["backbone"])}
+    (root / "models.json").write_text(json.dumps(config))
+    port = _free_port()
+    env = {**os.environ, "BRAINDINO_SPACE_CONFIG": str(root / "models.json"), "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen([sys.executable, str(APP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    client = None
+    while time.time() < deadline and client is None:
+        if process.poll() is not None:
+            pytest.fail(f"the Space exited: {process.stdout.read()[-3000:]}")
+        try:
+            client = gradio_client.Client(url, verbose=False)
+        except Exception:  # not listening yet
+            time.sleep(1)
+    assert client is not None, "the Space did not start within 180 s"
+    yield client, root, url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def scan(synthetic_corpus):
+    return str(sorted(synthetic_corpus.glob("*/*_seg.nii.gz"))[0]).replace("_seg.nii.gz", "_flair.nii.gz")
+
+
+def test_every_task_returns_a_sane_result(space, scan):
+    client, _, _ = space
+    from gradio_client import handle_file
+
+    slider, view, info = client.predict(handle_file(scan), api_name="/load")
+    assert "axial slices" in info and "not for clinical decisions" in info
+    age = client.predict(handle_file(scan), api_name="/brain_age")
+    assert 0 < age["age"] < 150 and age["num_slices"] == 8
+    classes = client.predict(handle_file(scan), api_name="/classify")
+    assert {entry["label"] for entry in classes["confidences"]} == {"flair", "t1", "t1ce", "t2"}
+    overlay, volumes, mask_file = client.predict(handle_file(scan), 20, api_name="/segment")
+    assert set(volumes) >= {"whole_tumor", "tumor_core", "enhancing_tumor"}
+    mask = nib.load(mask_file)
+    np.testing.assert_array_equal(mask.affine, nib.load(scan).affine)
+    assert mask.shape == nib.load(scan).shape
+    assert overlay["image"] and len(overlay["annotations"]) == 3
+    pca = client.predict(handle_file(scan), 20, api_name="/pca")
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(pca))
+    assert rgb.shape == (128, 128, 3) and rgb.reshape(-1, 3).std(axis=0).min() > 0
+
+
+def test_bad_file_gets_a_readable_message(space):
+    client, root, _ = space
+    from gradio_client import handle_file
+
+    bad = root / "broken.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI volume")
+    with pytest.raises(Exception) as raised:
+        client.predict(handle_file(str(bad)), api_name="/brain_age")
+    message = str(raised.value)
+    assert "broken.nii.gz" in message and "NIfTI" in message and "Traceback" not in message
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's browser: `playwright install` downloads one and fails offline
+
+
+def test_browser_uploads_a_scan_segments_it_and_shows_the_overlay(space, scan, tmp_path):
+    """Headless Chromium, driven by Playwright, does what a user does; the screenshot is kept for a human look."""
+    assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium: apt-get install chromium"
+    from playwright.sync_api import sync_playwright
+
+    _, _, url = space
+    screenshot = tmp_path / "space-segmentation.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.locator("input[type=file]").first.set_input_files(scan)
+        page.get_by_text("axial slices").wait_for(timeout=120_000)
+        page.get_by_role("tab", name="Tumour segmentation").click()
+        page.get_by_role("button", name="Segment").click()
+        page.get_by_text("whole_tumor").wait_for(timeout=120_000)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    from PIL import Image
+
+    image = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert image.shape[1] == 1280 and image.std() > 10  # a rendered page, not a blank one
