@@ -20,9 +20,9 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-import torch
 
 from braindino import BrainDinoInputError
+from braindino.train.analysis import patch_pca_rgb
 from braindino.train.predict import load_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -157,24 +157,10 @@ def pca_map(file, index, progress=gr.Progress()):
     progress(0.1, desc="patch features")
     pipe = pipeline_for("backbone")
     backbone = getattr(pipe.model, "braindino", pipe.model)
-    slices, _ = display_slices(path)
-    index = int(np.clip(index, 0, len(slices) - 1))
     pixel_values, _ = pipe.image_processor.preprocess_volume(path)
-    with torch.inference_mode():
-        patches = torch.cat([backbone(pixel_values[start : start + 16]).patch_tokens
-                             for start in range(0, len(pixel_values), 16)])  # [S, N, D]
-    grid = pixel_values.shape[-1] // backbone.config.patch_size
-    foreground = torch.nn.functional.avg_pool2d((pixel_values[:, :1] != 0).float(), backbone.config.patch_size)
-    foreground = foreground.flatten(1) > 0.5  # [S, N] patches mostly inside the brain
-    tokens = patches[foreground].float()
-    mean = tokens.mean(dim=0)
-    _, _, components = torch.pca_lowrank(tokens - mean, q=3, center=False)
-    projected = (patches[min(index, len(patches) - 1)].float() - mean) @ components  # [N, 3]
-    low, high = projected[foreground[index]].min(dim=0).values, projected[foreground[index]].max(dim=0).values
-    rgb = ((projected - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
-    rgb[~foreground[index]] = 0
-    image = rgb.reshape(grid, grid, 3).numpy()
-    return (np.kron(image, np.ones((backbone.config.patch_size, backbone.config.patch_size, 1))) * 255).astype(np.uint8)
+    rgb = patch_pca_rgb(backbone, pixel_values)[int(np.clip(index, 0, len(pixel_values) - 1))].numpy()  # [h, w, 3]
+    patch = backbone.config.patch_size
+    return (np.kron(rgb, np.ones((patch, patch, 1))) * 255).astype(np.uint8)
 
 
 def example_scan() -> str:

@@ -170,7 +170,7 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
     assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
 
 
-def test_knn_monitor_scores_the_teacher_during_pretraining(recipe, tmp_path):
+def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path):
     corpus = json.loads(recipe.read_text())["corpus"]
     sequences = Path(corpus).parent / "synthetic" / "sequences.csv"
     result = subprocess.run(_command(recipe, tmp_path / "run", "--iterations", "10", "--knn-labels", str(sequences),
@@ -179,3 +179,6 @@ def test_knn_monitor_scores_the_teacher_during_pretraining(recipe, tmp_path):
     records = _losses(tmp_path / "run")
     assert [i for i, record in records.items() if "knn_balanced_accuracy" in record] == [5, 10]
     assert all(0.0 <= records[i]["knn_balanced_accuracy"] <= 1.0 for i in (5, 10))
+    card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()  # generated from this run's facts
+    assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
+    assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card

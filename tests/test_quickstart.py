@@ -34,3 +34,6 @@ def test_quickstart_runs_end_to_end(tmp_path):
     prediction = json.loads((out / "predictions" / "brain-age" / "synthetic-0002_t1.json").read_text())
     assert prediction["result"]["num_slices"] == 32 and 0 < prediction["result"]["age"] < 150
     assert "brain-age" in report and "predicted age" in report
+    assert Image.open(out / "loss_curve.png").size[0] > 300 and "![pretraining loss](loss_curve.png)" in report
+    space_models = json.loads((out / "space_models.json").read_text())
+    assert Path(space_models["brain_age"]).exists() and "BRAINDINO_SPACE_CONFIG" in result.stdout

@@ -98,3 +98,56 @@ def write_head_card(results: dict, folder: str | Path, model_id: str | None = No
     path = Path(folder) / "README.md"
     head_card(results, model_id or str(folder)).save(path)
     return path
+
+
+def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard:
+    """The card of a pretrained backbone, from a pretraining run's facts (`run`: the recipe, the model config, the
+    iterations, minutes and processes, the losses, the corpus manifest)."""
+    recipe, model_config, manifest = run["recipe"], run["model_config"], run["manifest"]
+    synthetic = bool(manifest.get("synthetic_sources")) and set(manifest["synthetic_sources"]) >= set(manifest["sources"])
+    init = recipe.get("init_from")
+    init_format = recipe.get("init_format", "braindino")
+    if init and init_format == "dinov3":
+        licence, licence_id = ("Started from natural-image DINOv3 weights, so these weights are under the DINOv3 "
+                               "License (Meta); the code is MIT."), "other"
+    elif init and init_format == "dinov2":
+        licence, licence_id = "Started from DINOv2 weights (Apache-2.0); the code is MIT.", "apache-2.0"
+    else:
+        licence, licence_id = "Pretrained from scratch with this package; weights and code under MIT.", "mit"
+    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "self-supervised", "dinov3-style"]
+    if synthetic:
+        tags.append("synthetic-data")
+    losses = run["losses"]
+    model_name = f"BrainDINO-{recipe['preset']} backbone"
+    card_data = ModelCardData(library_name="transformers", license=licence_id, tags=tags, model_name=model_name,
+                              pipeline_tag="image-feature-extraction")
+    template = resources.files("braindino.model_cards").joinpath("backbone.md").read_text()
+    sources = ", ".join(f"`{name}` ({counts['volumes']} volumes, {counts['slices']} slices)"
+                        for name, counts in manifest["sources"].items())
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_id=model_id,
+        model_name=model_name,
+        synthetic=synthetic,
+        size=recipe["global_crop_size"],
+        summary=(f"A DINOv3-style ViT over 2D axial brain-MRI slices (the EMA teacher of a BrainDINO pretraining run), "
+                 f"{run['num_parameters'] / 1e6:.1f} M parameters, to be used frozen with small task heads."),
+        architecture=(f"ViT, patch {model_config['patch_size']}, width {model_config['hidden_size']}, "
+                      f"{model_config['num_hidden_layers']} blocks, {model_config['num_attention_heads']} heads, CLS + "
+                      f"{model_config['num_register_tokens']} registers, 2D RoPE (base {model_config['rope_theta']:g}), "
+                      f"LayerScale {model_config['layerscale_value']:g}, {model_config['num_channels']} input channels "
+                      "(the grey slice repeated), z-scored intensities."),
+        pretraining=(f"DINO (CLS, {recipe['centering'].replace('_', '-')} centring) + iBOT (masked patches) + KoLeo"
+                     f"{' + Gram anchoring' if recipe.get('gram_loss_weight') else ''}; {run['iterations']} iterations in "
+                     f"{run['minutes']:.1f} min on {run['processes']} process(es) ({run['device']}), batch "
+                     f"{recipe['batch_size']} per process, 2 global crops of {recipe['global_crop_size']} px + "
+                     f"{recipe['local_crops_number']} local crops of {recipe['local_crop_size']} px; loss "
+                     f"{losses['first']:.3f} → {losses['last_10_mean']:.3f} (mean of the last 10 iterations). "
+                     f"Initialisation: {init + f' ({init_format})' if init else 'random'}."),
+        training_data=(f"{manifest['volumes']} volumes → {manifest['slices']} axial slices of {manifest['slice_size']} px "
+                       f"from {sources}" + (" — SYNTHETIC, not real patients." if synthetic else ".")),
+        licence=licence,
+        scale_note=("Minutes of CPU pretraining on a small corpus: features are far from the paper's 6.6 million slices."
+                    if run["minutes"] < 120 else "Check the training data above against your scanners and populations."),
+    )

@@ -25,6 +25,8 @@ from datasets import Dataset, Features, List, Value
 
 from braindino import BrainDinoImageProcessor, BrainDinoInputError
 
+from .synthetic import declares_synthetic
+
 SLICE_FEATURES = Features(
     {
         "pixels": Value("binary"),
@@ -202,10 +204,11 @@ def prepare_corpus(
             records.append(write_shard(name, entries, str(out_dir), size))
             bar.update(len(entries))
     bar.close()
-    return write_manifest(out_dir, records, size)
+    synthetic = sorted(Path(source).resolve().name for source in sources if declares_synthetic(source))
+    return write_manifest(out_dir, records, size, synthetic)
 
 
-def write_manifest(out_dir: Path, records: list[dict], size: int) -> dict:
+def write_manifest(out_dir: Path, records: list[dict], size: int, synthetic_sources: list[str]) -> dict:
     sources: dict[str, dict] = {}
     for record in sorted(records, key=lambda record: record["shard"]):
         counts = sources.setdefault(record["source"], {"volumes": 0, "slices": 0, "failed": 0, "files": []})
@@ -222,6 +225,7 @@ def write_manifest(out_dir: Path, records: list[dict], size: int) -> dict:
         "volumes": sum(counts["volumes"] for counts in sources.values()),
         "slices": sum(counts["slices"] for counts in sources.values()),
         "failed": [failure for record in records for failure in record["failed"]],
+        "synthetic_sources": synthetic_sources,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -31,6 +31,7 @@ from braindino import (
 
 from .features import Backbone, FeatureCache, load_backbone
 from .metrics import brats_metrics, classification_metrics, regression_metrics, survival_metrics
+from .synthetic import declares_synthetic
 
 TASKS = ("classification", "regression", "survival", "segmentation")
 # BraTS 2023 label names, index = label value (the synthetic corpus uses the same).
@@ -121,9 +122,7 @@ def read_samples(config: HeadTrainingConfig) -> tuple[list[Sample], bool]:
     repeated = len({sample.subject for sample in samples}) < len(samples)
     for sample in samples:
         sample.name = f"{sample.subject}/{Path(sample.inputs[0]).name}" if repeated else sample.subject
-    description = labels_path.parent / "dataset_description.json"
-    synthetic = description.exists() and bool(json.loads(description.read_text()).get("synthetic"))
-    return samples, synthetic
+    return samples, declares_synthetic(labels_path.parent)
 
 
 def _strata(samples: list[Sample], task: str) -> np.ndarray | None:

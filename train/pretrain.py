@@ -404,9 +404,30 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
         from braindino import BrainDinoImageProcessor
 
         BrainDinoImageProcessor(size=config.global_crop_size, num_channels=model_config.num_channels).save_pretrained(final / "backbone")
+        write_backbone_card(config, teacher, summary, accelerator, metrics_path, final / "backbone")
         summary["backbone"] = str(final / "backbone")
     accelerator.end_training()
     return summary
+
+
+def write_backbone_card(config: PretrainConfig, teacher: BrainDinoForPreTraining, summary: dict, accelerator,
+                        metrics_path: Path, folder: Path) -> None:
+    """The released backbone's README.md, generated from this run's facts (recipe, losses, corpus manifest)."""
+    from .cards import backbone_card
+
+    losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines()]
+    run = {
+        "recipe": dataclasses.asdict(config),
+        "model_config": teacher.config.to_dict(),
+        "manifest": json.loads((Path(config.corpus) / "manifest.json").read_text()),
+        "iterations": summary["iterations"],
+        "minutes": summary["seconds"] / 60,
+        "processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "losses": {"first": losses[0], "last_10_mean": sum(losses[-10:]) / len(losses[-10:])},
+        "num_parameters": sum(parameter.numel() for parameter in teacher.braindino.parameters()),
+    }
+    backbone_card(run, model_id=str(folder)).save(folder / "README.md")
 
 
 def save_checkpoint(accelerator, output_dir: Path, iteration: int, teacher, gram_teacher, centering, batches: RowBatches,

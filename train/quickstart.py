@@ -79,6 +79,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
 
     started = _step(7, total, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
     predictions = run_quickstart_pipelines(out_dir, heads, trained["backbone"], held_out_scans[0].parent)
+    pictures = report_pictures(out_dir, trained["backbone"], heads, held_out_scans[0].parent)
+    space_config = write_space_config(out_dir, heads, trained["backbone"])
     timings["pipelines"] = time.perf_counter() - started
 
     report = out_dir / "report.md"
@@ -104,10 +106,17 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         *[f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()],
         "",
         "![multi-crop views](crops.png)",
+        "",
+        *[f"![{name}]({path.name})" for name, path in pictures.items()],
+        "",
+        f"Open the Space on these models: `BRAINDINO_SPACE_CONFIG={space_config} python spaces/app.py` (from the "
+        "repository root), then http://127.0.0.1:7860.",
     ]
     report.write_text("\n".join(lines) + "\n")
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     print(f"done: {report}")
+    print(f"open the Space on these models: BRAINDINO_SPACE_CONFIG={space_config} python spaces/app.py "
+          "(then http://127.0.0.1:7860)")
     return report
 
 
@@ -167,3 +176,33 @@ def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: st
             text = f"a {len(result['result']['embedding'])}-dimensional volume embedding"
         summaries[task] = (Path(scan).name, text)
     return summaries
+
+
+def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subject_dir: Path) -> dict[str, Path]:
+    """The loss curve, and (with a segmentation head) the held-out slice with the most tumour: predicted labels,
+    the reference outline and the patch-feature PCA map."""
+    from braindino import BrainDinoImageProcessor, BrainDinoModel
+
+    from .figures import loss_curve_figure, segmentation_figure
+
+    pictures = {"pretraining loss": loss_curve_figure(out_dir / "pretrain" / "metrics.jsonl", out_dir / "loss_curve.png")}
+    masks = sorted((out_dir / "predictions" / "brain-tumor-segmentation").glob("*_seg.nii.gz"))
+    if masks:
+        scan = next(subject_dir.glob("*_flair.nii.gz"))
+        reference = next(subject_dir.glob("*_seg.nii.gz"), None)
+        processor = BrainDinoImageProcessor.from_pretrained(heads["tumour segmentation"]["exported_model"]["folder"])
+        pictures["segmentation and PCA"] = segmentation_figure(
+            str(scan), str(masks[0]), str(reference) if reference else None, BrainDinoModel.from_pretrained(backbone).eval(),
+            processor, out_dir / "segmentation.png")
+    return pictures
+
+
+def write_space_config(out_dir: Path, heads: dict[str, dict], backbone: str) -> Path:
+    """A `models.json` for the Space naming this run's models (absolute paths)."""
+    config = {"brain_age": str(Path(heads["brain age"]["exported_model"]["folder"]).resolve()), "classification": None,
+              "segmentation": None, "backbone": str(Path(backbone).resolve())}
+    if "tumour segmentation" in heads:
+        config["segmentation"] = str(Path(heads["tumour segmentation"]["exported_model"]["folder"]).resolve())
+    path = out_dir / "space_models.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path.resolve()

@@ -242,3 +242,9 @@ def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tu
         "SegmentationLabels": BRATS_LABELS,
     }, indent=2))
     return labels_path
+
+
+def declares_synthetic(folder: str | Path) -> bool:
+    """Whether a folder's `dataset_description.json` says its data is synthetic (`braindino synth` writes it)."""
+    description = Path(folder) / "dataset_description.json"
+    return description.exists() and bool(json.loads(description.read_text()).get("synthetic"))

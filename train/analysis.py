@@ -1,0 +1,27 @@
+"""Representation analysis: PCA maps of patch features, as in the paper's analyses (and the Space's PCA tab)."""
+
+from __future__ import annotations
+
+import torch
+
+from braindino import BrainDinoModel
+
+
+@torch.inference_mode()
+def patch_pca_rgb(backbone: BrainDinoModel, pixel_values: torch.Tensor, slice_batch_size: int = 16) -> torch.Tensor:
+    """The first three principal components of the patch features of a volume's slices `(S, C, H, W)`, fitted on
+    the patches inside the brain of all slices, each scaled to [0, 1]: an RGB map `(S, H / 16, W / 16, 3)`
+    (background patches black)."""
+    patch_size = backbone.config.patch_size
+    patches = torch.cat([backbone(pixel_values[start : start + slice_batch_size]).patch_tokens
+                         for start in range(0, len(pixel_values), slice_batch_size)]).float()  # [S, N, D]
+    inside = torch.nn.functional.avg_pool2d((pixel_values[:, :1] != 0).float(), patch_size).flatten(1) > 0.5  # [S, N]
+    tokens = patches[inside]
+    mean = tokens.mean(dim=0)
+    _, _, components = torch.pca_lowrank(tokens - mean, q=3, center=False)
+    projected = (patches - mean) @ components  # [S, N, 3]
+    low, high = projected[inside].min(dim=0).values, projected[inside].max(dim=0).values
+    rgb = ((projected - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+    rgb[~inside] = 0
+    height, width = (size // patch_size for size in pixel_values.shape[-2:])
+    return rgb.unflatten(1, (height, width))  # [S, h, w, 3]

@@ -1,0 +1,75 @@
+"""Report pictures (matplotlib, written as PNG): a slice with the predicted mask and the reference outline, the PCA
+map of patch features beside it, and the pretraining loss curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from braindino import BrainDinoImageProcessor, BrainDinoModel  # noqa: E402
+
+from .analysis import patch_pca_rgb  # noqa: E402
+
+# BraTS labels 1, 2, 3 → RGBA
+MASK_COLOURS = np.array([[0, 0, 0, 0], [0.12, 0.47, 0.71, 0.6], [0.17, 0.63, 0.17, 0.5], [0.84, 0.15, 0.16, 0.7]])
+
+
+def segmentation_figure(scan: str, predicted_mask: str, reference_mask: str | None, backbone: BrainDinoModel,
+                        processor: BrainDinoImageProcessor, out: Path) -> Path:
+    """The axial slice with the most predicted tumour: the slice, the predicted labels over it (the reference
+    outlined in white where there is one), and the backbone's patch-feature PCA map of the same slice."""
+    pixel_values, geometry = processor.preprocess_volume(scan)
+    predicted = processor.to_model_grid(np.asanyarray(nib.load(predicted_mask).dataobj), geometry).numpy()
+    reference = None
+    if reference_mask:
+        reference = processor.to_model_grid(np.asanyarray(nib.load(reference_mask).dataobj), geometry).numpy()
+    shown = reference if reference is not None and reference.any() else predicted  # the reference tumour first
+    area = (shown > 0).sum(axis=(1, 2))
+    index = int(area.argmax()) if area.max() > 0 else len(pixel_values) // 2
+    grey = pixel_values[index, 0].numpy()
+    brain = np.ma.masked_where(grey == 0, grey)  # background black, z-scores in [-2.5, 2.5] grey
+    pca = patch_pca_rgb(backbone, pixel_values)[index].numpy()
+
+    figure, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
+    for axis in axes[:2]:
+        axis.set_facecolor("black")
+        axis.imshow(brain, cmap="gray", vmin=-2.5, vmax=2.5)
+    axes[0].set_title(f"{Path(scan).name}, slice {index}")
+    axes[1].imshow(MASK_COLOURS[np.clip(predicted[index], 0, 3)])
+    if reference is not None and reference[index].any():
+        axes[1].contour(reference[index] > 0, levels=[0.5], colors="white", linewidths=0.8)
+    axes[1].set_title("predicted labels (reference: white)")
+    axes[2].imshow(pca, interpolation="nearest")
+    axes[2].set_title("patch-feature PCA (RGB)")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle("SYNTHETIC data", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
+    """Total, DINO and iBOT loss per iteration from a pretraining run's `metrics.jsonl`."""
+    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines()]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name in ("loss", "dino", "ibot"):
+        if name in records[0]:
+            axis.plot([record["iteration"] for record in records], [record[name] for record in records], label=name)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.set_title("pretraining (SYNTHETIC corpus)")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
