@@ -126,6 +126,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvaluationConfig, run_evaluation
+
+    config = EvaluationConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
+                              event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
+                              seeds=args.seeds, num_slices=args.num_slices, size=args.size, knn_ks=args.knn_ks,
+                              bootstrap=args.bootstrap, output_dir=args.out)
+    run_evaluation(config)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/evaluation.json, table.md, table.csv, results/*.json and plots")
+    return 0
+
+
 def _push_to_hub(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
@@ -226,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument("--slice-batch-size", type=int, default=32)
     predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="the paper's frozen protocol for several backbones: tables, plots, tests")
+    evaluate.add_argument("--task", required=True, choices=["classification", "regression", "survival", "segmentation"])
+    evaluate.add_argument("--labels", required=True)
+    evaluate.add_argument("--inputs", nargs="+", required=True)
+    evaluate.add_argument("--target", required=True)
+    evaluate.add_argument("--event")
+    evaluate.add_argument("--backbones", nargs="+", required=True,
+                          help="folders or Hub ids, or random:PRESET[:SEED] for a random-initialised baseline")
+    evaluate.add_argument("--label-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--num-slices", type=int, default=128)
+    evaluate.add_argument("--size", type=int)
+    evaluate.add_argument("--knn-ks", type=int, nargs="+", default=[1, 3, 5, 10, 20, 50])
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per run")
+    evaluate.add_argument("--out", default="outputs/evaluate")
+    evaluate.set_defaults(run=_evaluate)
 
     push = commands.add_parser("push-to-hub", help="upload a saved folder (head export or backbone) to the Hub")
     push.add_argument("folder")

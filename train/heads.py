@@ -51,6 +51,7 @@ class HeadTrainingConfig:
     event: str | None = None
     backbone: str | None = None
     preset: str = "tiny"
+    backbone_seed: int = 0  # the random initialisation of a `preset` backbone
     output_dir: str = "outputs/head"
     cache_dir: str | None = None
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
@@ -291,6 +292,8 @@ def _volume_run(backbone, cache, samples, config, train, validation, test, seed)
     else:
         metrics = survival_metrics(test_targets[:, 0].numpy(), test_targets[:, 1].numpy(), logits[:, 0].numpy())
         predictions = [round(float(value), 4) for value in logits[:, 0]]
+        with torch.no_grad():  # Kaplan-Meier groups split at the median training risk
+            fit["train_risk"] = [round(float(value), 4) for value in model(slice_embeddings=train_embeddings).logits[:, 0]]
     fit["test_predictions"] = {samples[index].name: prediction for index, prediction in zip(test, predictions)}
     return {**fit, "metrics": metrics}, model
 
@@ -417,7 +420,8 @@ def train_heads(config: HeadTrainingConfig) -> dict:
     samples, synthetic = read_samples(config)
     subject_task = config.task != "segmentation"
     backbone = load_backbone(config.backbone, None if config.backbone else config.preset,
-                             num_slices=config.num_slices if subject_task else None, size=config.size)
+                             num_slices=config.num_slices if subject_task else None, size=config.size,
+                             seed=config.backbone_seed)
     cache = None
     if subject_task:
         cache = FeatureCache(config.cache_dir or out / "feature-cache", backbone)

@@ -1,0 +1,84 @@
+"""`braindino evaluate`: each statistic against a hand-computed case, then the whole protocol as a real process
+for two backbones (tables, per-run JSON, k-NN with McNemar, plots) and the survival branch (Kaplan-Meier)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from braindino.train.evaluate import bootstrap_interval, exact_mcnemar, knn_probe
+
+
+def test_exact_mcnemar_by_hand():
+    first = np.array([True, True, True, False, True])
+    second = np.array([False, False, True, False, True])
+    # discordant: first-only 2, second-only 0 → two-sided exact binomial p = 2 * 0.5**2 = 0.5
+    assert exact_mcnemar(first, second) == {"only_first_correct": 2, "only_second_correct": 0, "p_value": 0.5}
+    five = exact_mcnemar(np.ones(5, bool), np.zeros(5, bool))
+    assert five["p_value"] == pytest.approx(2 / 32)
+    assert exact_mcnemar(first, first)["p_value"] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(20, 80, 60)
+    predictions = targets + rng.normal(0, 5, 60)
+    mae = lambda t, p: float(np.abs(t - p).mean())  # noqa: E731
+    low, high = bootstrap_interval(mae, targets, predictions, resamples=500)
+    assert low < mae(targets, predictions) < high and high - low < 3
+    constant = bootstrap_interval(mae, targets, targets + 2.0, resamples=100)
+    assert constant == pytest.approx((2.0, 2.0))
+
+
+def test_knn_probe_by_hand():
+    embeddings = np.array([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1], [1, 0], [0, 1]], float)
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    correct = knn_probe(embeddings, labels, np.arange(4), np.array([4, 5]), ks=[1, 3, 5])
+    assert set(correct) == {1, 3} and correct[1].all()  # k=5 exceeds the 4 training cases
+
+
+def _cli(*arguments):
+    result = subprocess.run([sys.executable, "-m", "braindino.train.cli", *map(str, arguments)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_protocol_for_two_backbones_writes_runs_tables_tests_and_plots(synthetic_corpus, tmp_path):
+    out = tmp_path / "evaluate"
+    stdout = _cli("evaluate", "--task", "classification", "--labels", synthetic_corpus / "sequences.csv", "--inputs",
+                  "image", "--target", "contrast", "--backbones", "random:tiny", "random:tiny:1", "--label-fractions",
+                  "0.5", "1.0", "--seeds", "0", "1", "--size", "64", "--num-slices", "8", "--knn-ks", "1", "3", "50",
+                  "--bootstrap", "50", "--out", out)
+    assert "exact McNemar" in stdout
+    runs = sorted((out / "results").glob("*.json"))
+    assert len(runs) == 2 * 2 * 2  # backbones x fractions x seeds
+    run = json.loads(runs[0].read_text())
+    low, high = run["bootstrap_95ci"]["balanced_accuracy"]
+    assert 0 <= low <= high <= 1
+    with open(out / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["backbone"] for row in rows} == {"random-tiny", "random-tiny-1"} and len(rows) == 4
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["synthetic_data"] is True and "test split is used once" in summary["protocol"]
+    knn = summary["knn"]
+    assert set(knn["accuracy"]["random-tiny"]) == {"1", "3"}  # k=50 exceeds the training pool: not run
+    assert 0 <= knn["mcnemar_vs_first"]["random-tiny-1"]["1"]["p_value"] <= 1
+    for plot in ("label_efficiency.png", "knn_accuracy.png"):
+        assert (out / plot).stat().st_size > 1000
+    # encoded once per backbone: every volume has one cache file per backbone
+    assert len(list((out / "feature-cache" / "random-tiny").glob("*.safetensors"))) == 40
+
+
+def test_survival_protocol_reports_c_index_and_kaplan_meier(synthetic_corpus, tmp_path):
+    out = tmp_path / "survival"
+    _cli("evaluate", "--task", "survival", "--labels", synthetic_corpus / "labels.csv", "--inputs", "flair", "--target",
+         "survival_days", "--event", "death_observed", "--backbones", "random:tiny", "--label-fractions", "1.0",
+         "--seeds", "0", "--size", "64", "--num-slices", "8", "--bootstrap", "50", "--out", out)
+    summary = json.loads((out / "evaluation.json").read_text())
+    km = summary["kaplan_meier"]["random-tiny"]
+    assert (km["log_rank_p"] is not None and 0 <= km["log_rank_p"] <= 1) or "one side" in km["note"]
+    assert "c_index" in json.loads(next((out / "results").glob("*.json")).read_text())["metrics"]
