@@ -66,6 +66,8 @@ class BrainDinoConfig(PretrainedConfig):
             decoder reads; defaults to four evenly spaced blocks ending with the last (2, 5, 8, 11 for 12).
         target_mean (`list[float]`, *optional*), target_std (`list[float]`, *optional*): regression heads
             predict standardised targets and report `logits * target_std + target_mean` (e.g. years).
+        target_transform (`str`, *optional*): `"log1p"` for day counts (the paper's post-stroke task): the loss acts
+            on `log1p(target)` (standardised with statistics of the transformed targets) and outputs are `expm1`-ed.
 
     Volume heads also read `num_labels` and `problem_type` (`"single_label_classification"`,
     `"multi_label_classification"`, `"regression"`, `"survival"`).
@@ -105,6 +107,7 @@ class BrainDinoConfig(PretrainedConfig):
         segmentation_layers: list[int] | None = None,
         target_mean: list[float] | None = None,
         target_std: list[float] | None = None,
+        target_transform: str | None = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -150,6 +153,9 @@ class BrainDinoConfig(PretrainedConfig):
         self.segmentation_layers = list(segmentation_layers)
         self.target_mean = target_mean
         self.target_std = target_std
+        if target_transform not in (None, "log1p"):
+            raise ValueError(f"target_transform must be None or 'log1p', got {target_transform!r}")
+        self.target_transform = target_transform
         super().__init__(**kwargs)
 
     @classmethod

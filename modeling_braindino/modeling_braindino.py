@@ -636,8 +636,11 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             volume_embeddings, weights = self.pooling(slice_embeddings)
         logits = self.head(volume_embeddings)
         loss = self.task_loss(logits, labels) if labels is not None else None
-        if self.config.problem_type == "regression" and self.config.target_mean is not None:
-            logits = logits * logits.new_tensor(self.config.target_std) + logits.new_tensor(self.config.target_mean)
+        if self.config.problem_type == "regression":
+            if self.config.target_mean is not None:
+                logits = logits * logits.new_tensor(self.config.target_std) + logits.new_tensor(self.config.target_mean)
+            if self.config.target_transform == "log1p":  # day counts: learnt in log1p space, reported in days
+                logits = torch.expm1(logits)
         output = BrainDinoVolumeOutput(loss=loss, logits=logits, volume_embeddings=volume_embeddings, slice_weights=weights)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
@@ -653,6 +656,8 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             targets = labels.float().view(logits.shape[0], -1)
             if targets.shape != logits.shape:
                 raise ValueError(f"regression targets of shape {tuple(targets.shape)} for {logits.shape[1]} outputs (config.num_labels)")
+            if self.config.target_transform == "log1p":
+                targets = torch.log1p(targets)
             if self.config.target_mean is not None:
                 targets = (targets - targets.new_tensor(self.config.target_mean)) / targets.new_tensor(self.config.target_std)
             return F.mse_loss(logits.float(), targets)

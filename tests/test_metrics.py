@@ -58,14 +58,19 @@ def test_dice_and_hd95_by_hand_with_anisotropic_spacing():
     metrics = region_overlap(prediction, reference, (2.0, 1.0, 1.0))
     assert metrics["dice"] == pytest.approx(2 * 18 / (27 + 27))
     assert metrics["hd95"] == pytest.approx(2.0)
+    # every boundary voxel lies within 2 mm of the other surface (the faces across x are 2 mm apart): NSD 1 at a
+    # 2.5 mm tolerance; at 1 mm those faces no longer count, so NSD drops below 1
+    assert region_overlap(prediction, reference, (2.0, 1.0, 1.0), nsd_tolerance_mm=2.5)["nsd"] == pytest.approx(1.0)
+    assert 0 < metrics["nsd"] < 1
+    assert region_overlap(reference, reference, (2.0, 1.0, 1.0))["nsd"] == pytest.approx(1.0)
 
 
 def test_empty_mask_conventions_and_brats_regions():
     empty = np.zeros((6, 6, 6), np.uint8)
-    assert region_overlap(empty, empty, (1, 1, 1)) == {"dice": 1.0, "hd95": 0.0}
+    assert region_overlap(empty, empty, (1, 1, 1)) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
     lesion = empty.copy()
     lesion[1:3, 1:3, 1:3] = 2  # oedema only: whole tumour present, core and enhancing absent
-    assert region_overlap(lesion > 0, empty > 0, (1, 1, 1)) == {"dice": 0.0, "hd95": EMPTY_REFERENCE_HD95}
+    assert region_overlap(lesion > 0, empty > 0, (1, 1, 1)) == {"dice": 0.0, "hd95": EMPTY_REFERENCE_HD95, "nsd": 0.0}
     metrics = brats_metrics(lesion, lesion, (1, 1, 1))
     assert metrics["dice_whole_tumor"] == 1.0 and metrics["dice_tumor_core"] == 1.0 and metrics["hd95_enhancing_tumor"] == 0.0
     relabelled = np.where(lesion == 2, 3, 0)  # oedema called enhancing: WT right, TC and ET false positives

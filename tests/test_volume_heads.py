@@ -118,3 +118,15 @@ def test_regression_with_target_statistics_reports_real_units_and_loses_on_the_s
     torch.testing.assert_close(output.loss, torch.nn.functional.mse_loss(standardised, (labels - 50.0) / 20.0))
     raw = model.head(output.volume_embeddings)[:, 0]
     torch.testing.assert_close(output.logits[:, 0], raw * 20.0 + 50.0)
+
+
+def test_day_counts_are_learnt_in_log1p_space_and_reported_in_days():
+    torch.manual_seed(7)
+    model = BrainDinoForRegression(_config(num_labels=1, target_mean=[4.0], target_std=[1.5],
+                                           target_transform="log1p")).eval()
+    embeddings = torch.randn(3, 4, 64)
+    days = torch.tensor([10.0, 90.0, 400.0])
+    output = model(slice_embeddings=embeddings, labels=days)
+    raw = model.head(output.volume_embeddings)[:, 0]
+    torch.testing.assert_close(output.logits[:, 0], torch.expm1(raw * 1.5 + 4.0))
+    torch.testing.assert_close(output.loss, torch.nn.functional.mse_loss(raw, (torch.log1p(days) - 4.0) / 1.5))

@@ -98,7 +98,7 @@ def _train_head(args: argparse.Namespace) -> int:
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
         label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
-        size=args.size, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience,
+        size=args.size, target_transform=args.target_transform, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, export=not args.no_export,
     )
     print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
@@ -131,7 +131,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     config = EvaluationConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
                               event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
-                              seeds=args.seeds, num_slices=args.num_slices, size=args.size, knn_ks=args.knn_ks,
+                              seeds=args.seeds, num_slices=args.num_slices, size=args.size,
+                              target_transform=args.target_transform, knn_ks=args.knn_ks,
                               bootstrap=args.bootstrap, output_dir=args.out)
     run_evaluation(config)
     print((Path(args.out) / "table.md").read_text())
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--seeds", type=int, nargs="+", default=[0])
     head.add_argument("--num-slices", type=int, default=128, help="axial slices per volume for volume tasks (the paper: 128)")
     head.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
+    head.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
     head.add_argument("--pooling", choices=["mean", "attention"], default="mean")
     head.add_argument("--lr", type=float, default=None, help="default 1e-3 (3e-3 for segmentation)")
     head.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 300; 20 for segmentation)")
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--num-slices", type=int, default=128)
     evaluate.add_argument("--size", type=int)
+    evaluate.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
     evaluate.add_argument("--knn-ks", type=int, nargs="+", default=[1, 3, 5, 10, 20, 50])
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per run")
     evaluate.add_argument("--out", default="outputs/evaluate")

@@ -44,6 +44,7 @@ class EvaluationConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     num_slices: int = 128
     size: int | None = None
+    target_transform: str | None = None
     knn_ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     bootstrap: int = 1000
     output_dir: str = "outputs/evaluate"
@@ -64,7 +65,7 @@ def _head_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTraining
         task=config.task, labels=config.labels, inputs=config.inputs, target=config.target, event=config.event,
         output_dir=str(out / "runs" / name), cache_dir=str(out / "feature-cache" / name),
         label_fractions=config.label_fractions, seeds=config.seeds, num_slices=config.num_slices, size=config.size,
-        export=False, **source,
+        target_transform=config.target_transform, export=False, **source,
     )
 
 

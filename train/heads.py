@@ -61,6 +61,7 @@ class HeadTrainingConfig:
     validation_fraction: float = 0.2
     num_slices: int = 128
     size: int | None = None
+    target_transform: str | None = None  # "log1p" for day counts (regression)
     pooling: str = "mean"
     learning_rate: float | None = None
     weight_decay: float = 1e-4
@@ -209,6 +210,9 @@ def _volume_model(backbone: Backbone, config: HeadTrainingConfig, samples: list[
     else:
         if config.task == "regression":
             targets = np.array([samples[index].target for index in train], float)
+            head_config.target_transform = config.target_transform
+            if config.target_transform == "log1p":
+                targets = np.log1p(targets)
             head_config.target_mean = [float(targets.mean())]
             head_config.target_std = [float(targets.std()) if len(targets) > 1 and targets.std() > 0 else 1.0]
             head_config.id2label = {0: config.target}

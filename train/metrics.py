@@ -69,17 +69,19 @@ def survival_metrics(times: np.ndarray, events: np.ndarray, risk: np.ndarray) ->
         return {"c_index": float("nan")}
 
 
-def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """Dice and HD95 (mm) of two binary volumes. Both empty: Dice 1, HD95 0. One empty: Dice 0, HD95 373.13
-    (BraTS 2023). Otherwise MONAI's `compute_dice` and `compute_hausdorff_distance(percentile=95)`."""
+def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float],
+                   nsd_tolerance_mm: float = 1.0) -> dict[str, float]:
+    """Dice, HD95 (mm) and normalised surface distance (surface Dice at `nsd_tolerance_mm`) of two binary volumes.
+    Both empty: Dice 1, HD95 0, NSD 1. One empty: Dice 0, HD95 373.13 (BraTS 2023), NSD 0. Otherwise MONAI's
+    `compute_dice`, `compute_hausdorff_distance(percentile=95)` and `compute_surface_dice`, with the voxel spacing."""
     import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
     if not prediction.any() and not reference.any():
-        return {"dice": 1.0, "hd95": 0.0}
+        return {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
     if not prediction.any() or not reference.any():
-        return {"dice": 0.0, "hd95": EMPTY_REFERENCE_HD95}
+        return {"dice": 0.0, "hd95": EMPTY_REFERENCE_HD95, "nsd": 0.0}
     predicted = torch.from_numpy(prediction)[None, None].float()  # [1, 1, X, Y, Z]
     expected = torch.from_numpy(reference)[None, None].float()
     dice = float(compute_dice(predicted, expected, include_background=True)[0, 0])
@@ -87,11 +89,15 @@ def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple
         warnings.simplefilter("ignore", FutureWarning)
         hd95 = float(compute_hausdorff_distance(predicted, expected, include_background=True, percentile=95,
                                                 spacing=list(map(float, spacing)))[0, 0])
-    return {"dice": dice, "hd95": hd95}
+        # compute_surface_dice wants one-hot with a background channel; the tolerance applies to the lesion channel
+        two_channels = lambda mask: torch.cat([1 - mask, mask], dim=1)  # noqa: E731
+        nsd = float(compute_surface_dice(two_channels(predicted), two_channels(expected), [nsd_tolerance_mm],
+                                         include_background=False, spacing=list(map(float, spacing)))[0, 0])
+    return {"dice": dice, "hd95": hd95, "nsd": nsd}
 
 
 def brats_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """Dice and HD95 per BraTS region (whole tumour, tumour core, enhancing tumour) of two label volumes."""
+    """Dice, HD95 and NSD per BraTS region (whole tumour, tumour core, enhancing tumour) of two label volumes."""
     metrics = {}
     for region, labels in BRATS_REGIONS.items():
         overlap = region_overlap(np.isin(prediction, labels), np.isin(reference, labels), spacing)
