@@ -63,3 +63,16 @@ def test_imported_model_survives_save_and_reload(tmp_path):
     ours.save_pretrained(tmp_path / "imported")
     reloaded = BrainDinoModel.from_pretrained(tmp_path / "imported").eval()
     _assert_same_outputs(source, reloaded, torch.randn(1, 3, 28, 42))
+
+
+def test_backbone_spec_converts_natural_image_weights(tmp_path):
+    from braindino.train.evaluate import backbone_name
+    from braindino.train.features import load_backbone
+
+    source = _randomize(DINOv3ViTModel(DINOv3ViTConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_register_tokens=4)))
+    source.save_pretrained(tmp_path / "dinov3-small")
+    backbone = load_backbone(f"dinov3:{tmp_path / 'dinov3-small'}", num_slices=4)
+    assert "DINOV3" in backbone.description and not backbone.random_init
+    _assert_same_outputs(source, backbone.model, torch.randn(1, 3, 32, 32))
+    assert backbone_name(f"dinov3:{tmp_path / 'dinov3-small'}") == "dinov3-dinov3-small"

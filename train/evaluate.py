@@ -51,7 +51,12 @@ class EvaluationConfig:
 
 
 def backbone_name(spec: str) -> str:
-    return spec.replace(":", "-") if spec.startswith("random:") else Path(spec).name or spec.replace("/", "--")
+    kind, _, rest = spec.partition(":")
+    if kind == "random":
+        return spec.replace(":", "-")
+    if kind in ("dinov3", "dinov2"):
+        return f"{kind}-{Path(rest).name}"
+    return Path(spec).name or spec.replace("/", "--")
 
 
 def _head_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTrainingConfig:

@@ -20,7 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoInputError, BrainDinoModel
+from braindino import (
+    BrainDinoConfig,
+    BrainDinoImageProcessor,
+    BrainDinoInputError,
+    BrainDinoModel,
+    braindino_from_dinov2,
+    braindino_from_dinov3,
+)
 
 CACHE_INDEX = "features.json"
 
@@ -46,7 +53,8 @@ class Backbone:
 
 def load_backbone(model_name: str | None = None, preset: str | None = None, num_slices: int | None = None,
                   seed: int = 0, size: int | None = None) -> Backbone:
-    """A pretrained backbone from a folder or Hub id, or (with `preset`) a randomly initialised one (seeded)."""
+    """A pretrained backbone from a folder or Hub id (`dinov3:PATH` / `dinov2:PATH` convert natural-image weights in
+    transformers format), or (with `preset`) a randomly initialised one (seeded)."""
     if (model_name is None) == (preset is None):
         raise ValueError("give exactly one of a model (folder or Hub id) and a preset")
     if preset is not None:
@@ -55,6 +63,11 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
         model = BrainDinoModel(config)
         processor = BrainDinoImageProcessor(num_channels=config.num_channels)
         description = f"BrainDINO-{preset}, random initialisation (untrained, seed {seed})"
+    elif model_name.startswith(("dinov3:", "dinov2:")):
+        kind, _, source = model_name.partition(":")
+        model = (braindino_from_dinov3 if kind == "dinov3" else braindino_from_dinov2)(source)
+        processor = BrainDinoImageProcessor(num_channels=model.config.num_channels)
+        description = f"natural-image {kind.upper()} weights from {source}, converted (DINOv3 License applies to DINOv3)"
     else:
         model = BrainDinoModel.from_pretrained(model_name)
         try:
