@@ -78,19 +78,26 @@ def main() -> None:
     parser.add_argument("--probe-subjects", type=int, default=40)
     parser.add_argument("--recipe", default="tiny", help="a bundled recipe name or a JSON recipe file")
     parser.add_argument("--keep", help="keep the corpus and the pretraining run in this folder")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: probe the run already kept there")
+    parser.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
+                        help="mean CLS (the paper's subject embedding) or CLS + mean patch token (DINOv2's linear probe)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
-        write_synthetic_corpus(root / "train", args.train_subjects, seed=0, workers=2)
-        write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
-        prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
-
         config = PretrainConfig.load(args.recipe, corpus=str(root / "corpus"), output_dir=str(root / "run"), tracker=None,
                                      time_limit_minutes=args.minutes)
-        started = time.perf_counter()
-        summary = pretrain(config, resume=False)
-        pretrain_minutes = (time.perf_counter() - started) / 60
+        if args.reuse:
+            records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+            summary = {"backbone": str(root / "run" / "final" / "backbone"), "iterations": records[-1]["iteration"]}
+            pretrain_minutes = float("nan")  # measured when the run was made
+        else:
+            write_synthetic_corpus(root / "train", args.train_subjects, seed=0, workers=2)
+            write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
+            prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
+            started = time.perf_counter()
+            summary = pretrain(config, resume=False)
+            pretrain_minutes = (time.perf_counter() - started) / 60
 
         with open(root / "probe" / "labels.csv") as handle:
             rows = list(csv.DictReader(handle))
@@ -103,12 +110,14 @@ def main() -> None:
         pretrained_model = BrainDinoModel.from_pretrained(summary["backbone"]).eval()
         results = {}
         for name, model in (("pretrained (EMA teacher)", pretrained_model), ("random initialisation", random_model)):
-            features = embed_volumes(paths, Backbone(model, processor, name, random_init=name.startswith("random")))
+            features = embed_volumes(paths, Backbone(model, processor, name, random_init=name.startswith("random")),
+                                     with_patch_means=args.features == "cls+patch")
             results[name] = probe_scores(features, rows, volume_contrasts, subjects)
 
     print(f"SYNTHETIC data: pretraining on {args.train_subjects} subjects ({args.train_subjects * 4} volumes) for "
           f"{pretrain_minutes:.1f} min on this CPU ({summary['iterations']} iterations of batch {config.batch_size}, "
-          f"crops {config.global_crop_size}/{config.local_crop_size} px); probes on {args.probe_subjects} held-out subjects")
+          f"crops {config.global_crop_size}/{config.local_crop_size} px); probes on {args.probe_subjects} held-out subjects; "
+          f"features: {args.features}")
     print()
     names = list(results)
     print("| probe | " + " | ".join(names) + " |")

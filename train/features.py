@@ -82,12 +82,16 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
     return Backbone(model=model, processor=processor, description=description, random_init=preset is not None)
 
 
-def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size: int = 32) -> np.ndarray:
-    """The paper's subject embedding for each volume, in memory: the mean of its slices' CLS tokens, `(V, D)`."""
+def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size: int = 32,
+                  with_patch_means: bool = False) -> np.ndarray:
+    """The paper's subject embedding for each volume, in memory: the mean of its slices' CLS tokens, `(V, D)`; with
+    `with_patch_means`, concatenated with the mean patch token (DINOv2's linear-probe features), `(V, 2D)`."""
     embeddings = []
     for path in tqdm(paths, desc="embedding", unit="volume", leave=False):
         pixel_values, _ = backbone.processor.preprocess_volume(path)
-        embeddings.append(backbone.model.encode_slices(pixel_values, slice_batch_size).cls_tokens.mean(dim=0).float().numpy())
+        encoded = backbone.model.encode_slices(pixel_values, slice_batch_size)
+        parts = [encoded.cls_tokens.mean(dim=0)] + ([encoded.patch_means.mean(dim=0)] if with_patch_means else [])
+        embeddings.append(torch.cat(parts).float().numpy())
     return np.stack(embeddings)
 
 
