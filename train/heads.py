@@ -340,14 +340,6 @@ def _training_slices(processor, samples, indices, rng) -> tuple[torch.Tensor, to
     return torch.cat(pixels), torch.cat(labels)
 
 
-@torch.no_grad()
-def predict_volume_mask(model: BrainDinoForSegmentation, pixel_values: torch.Tensor, slice_batch_size: int = 32) -> torch.Tensor:
-    """`(S, C or M, H, W)` slices → `(S, H, W)` label maps, a batch of slices at a time."""
-    masks = [model(pixel_values[start : start + slice_batch_size]).logits.argmax(dim=1)
-             for start in range(0, len(pixel_values), slice_batch_size)]
-    return torch.cat(masks)
-
-
 def _segmentation_run(backbone, samples, config, train, validation, test, seed) -> tuple[dict, torch.nn.Module]:
     import nibabel as nib
 
@@ -376,10 +368,14 @@ def _segmentation_run(backbone, samples, config, train, validation, test, seed) 
     fit = _fit(model, inputs_of, train_labels, validate, config, seed)
     fit["train_seconds"] = time.perf_counter() - started
     fit["train_slices"] = int(len(train_labels))
+    # test volumes go through the segmentation pipeline: the same code path users run, mask on the input grid
+    from braindino.pipelines import BrainTumorSegmentationPipeline
+
+    segment = BrainTumorSegmentationPipeline(model=model, image_processor=processor, task="brain-tumor-segmentation")
     per_subject = []
     for index in test:
-        pixel_values, _, geometry = _segmentation_slices(processor, samples[index])
-        mask = processor.mask_to_nifti(predict_volume_mask(model, pixel_values, config.slice_batch_size), geometry)
+        contrasts = dict(zip(config.inputs, samples[index].inputs))
+        mask = segment(contrasts, slice_batch_size=config.slice_batch_size)["mask"]
         reference = nib.load(samples[index].target)
         per_subject.append(brats_metrics(np.asanyarray(mask.dataobj), np.asanyarray(reference.dataobj),
                                          tuple(float(size) for size in reference.header.get_zooms()[:3])))
