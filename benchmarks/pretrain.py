@@ -3,8 +3,8 @@ DINOv3ViTModel as student and teacher backbone (same width, depth, heads, regist
 losses and optimiser), side by side in one run. Peak memory in one fresh process per variant.
 
 A step = teacher forward on the 2 global crops, student forward on 2 global (iBOT-masked) + N local crops,
-DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, AdamW, EMA update — `ssl_losses` and
-`update_teacher` from `braindino.train.pretrain`, exactly what `braindino pretrain` runs.
+DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, AdamW, EMA update — `ssl_losses`,
+`build_optimizer` and `update_teacher` from `braindino.train.pretrain`, exactly what `braindino pretrain` runs.
 
     python benchmarks/pretrain.py                       # tiny and small, the tiny recipe's crops (112 / 48 px), batch 16
     python benchmarks/pretrain.py --presets small --global-size 224 --local-size 96 --local-crops 8 --batch 8
@@ -25,7 +25,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, braindino_from_dinov3
 from braindino.train.augment import MultiCropCollator, MultiCropConfig
-from braindino.train.pretrain import MultiCropStudent, SSLLosses, ssl_losses, update_teacher
+from braindino.train.pretrain import MultiCropStudent, PretrainConfig, SSLLosses, build_optimizer, ssl_losses, update_teacher
 
 
 class TransformersBackbone(nn.Module):
@@ -60,7 +60,7 @@ def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
     student = build(which, preset).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     wrapped = MultiCropStudent(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    optimizer = build_optimizer(student, PretrainConfig())  # the loop's own optimiser (groups, fused AdamW)
     losses = SSLLosses(0.1)
     torch.manual_seed(1)
     batch = {
