@@ -22,13 +22,16 @@ from braindino import BrainDinoConfig  # noqa: E402
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
 
 
-@pytest.fixture
-def tiny_config() -> BrainDinoConfig:
+def small_config(**overrides) -> BrainDinoConfig:
     """A very small BrainDINO (2 blocks, width 64) for fast CPU tests. LayerScale starts at 1, not 1e-5,
     so every block changes the output and tests comparing outputs can fail."""
-    return BrainDinoConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, layerscale_value=1.0
-    )
+    return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           layerscale_value=1.0, **overrides)
+
+
+@pytest.fixture
+def tiny_config() -> BrainDinoConfig:
+    return small_config()
 
 
 @pytest.fixture(scope="session")
@@ -73,21 +76,17 @@ def head_folders(tmp_path_factory) -> dict:
     )
     from braindino.train.heads import export_head
 
-    def config(**overrides):
-        return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                               layerscale_value=1.0, **overrides)
-
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("heads")
     volume_processor = BrainDinoImageProcessor(size=32, num_slices=8)
-    age = BrainDinoForRegression(config(num_labels=1, target_mean=[55.0], target_std=[15.0], contrasts=["t1"]))
-    survival = BrainDinoForRegression(config(problem_type="survival", contrasts=["t1", "t1ce", "t2", "flair"]))
+    age = BrainDinoForRegression(small_config(num_labels=1, target_mean=[55.0], target_std=[15.0], contrasts=["t1"]))
+    survival = BrainDinoForRegression(small_config(problem_type="survival", contrasts=["t1", "t1ce", "t2", "flair"]))
     classes = ["flair", "t1", "t1ce", "t2"]
-    sequence = BrainDinoForClassification(config(num_labels=4, id2label=dict(enumerate(classes)),
-                                                 label2id={c: i for i, c in enumerate(classes)}))
+    sequence = BrainDinoForClassification(small_config(num_labels=4, id2label=dict(enumerate(classes)),
+                                                       label2id={c: i for i, c in enumerate(classes)}))
     labels = ["background", "necrotic_core", "edema", "enhancing_tumor"]
-    segmentation = BrainDinoForSegmentation(config(num_labels=4, id2label=dict(enumerate(labels)),
-                                                   label2id={c: i for i, c in enumerate(labels)}, contrasts=["flair"]))
+    segmentation = BrainDinoForSegmentation(small_config(num_labels=4, id2label=dict(enumerate(labels)),
+                                                         label2id={c: i for i, c in enumerate(labels)}, contrasts=["flair"]))
     folders = {
         "age": export_head(age.eval(), volume_processor, "regression", root / "age"),
         "survival": export_head(survival.eval(), volume_processor, "survival", root / "survival"),
@@ -95,7 +94,7 @@ def head_folders(tmp_path_factory) -> dict:
         "segmentation": export_head(segmentation.eval(), BrainDinoImageProcessor(size=128), "segmentation",
                                     root / "segmentation"),
     }
-    BrainDinoModel(config()).save_pretrained(root / "backbone")
+    BrainDinoModel(small_config()).save_pretrained(root / "backbone")
     BrainDinoImageProcessor(size=128).save_pretrained(root / "backbone")
     folders["backbone"] = root / "backbone"
     return folders

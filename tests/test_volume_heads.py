@@ -5,19 +5,14 @@ import math
 
 import pytest
 import torch
+from conftest import small_config
 from transformers import AutoModelForImageClassification
 
 from braindino import (
-    BrainDinoConfig,
     BrainDinoForClassification,
     BrainDinoForRegression,
     cox_partial_likelihood_loss,
 )
-
-
-def _config(**overrides):
-    return BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                           layerscale_value=1.0, **overrides)
 
 
 def test_cox_loss_matches_the_partial_likelihood_loop():
@@ -36,7 +31,7 @@ def test_cox_loss_matches_the_partial_likelihood_loop():
 
 def test_classification_trunk_losses_and_frozen_backbone():
     torch.manual_seed(0)
-    model = BrainDinoForClassification(_config(num_labels=3)).train()
+    model = BrainDinoForClassification(small_config(num_labels=3)).train()
     pixel_values = torch.randn(2, 4, 3, 32, 32)  # 2 volumes x 4 slices
     labels = torch.tensor([0, 2])
     output = model(pixel_values, labels=labels)
@@ -51,7 +46,7 @@ def test_classification_trunk_losses_and_frozen_backbone():
 
 def test_cached_slice_embeddings_give_the_same_output_as_pixels():
     torch.manual_seed(1)
-    model = BrainDinoForClassification(_config(num_labels=2)).eval()
+    model = BrainDinoForClassification(small_config(num_labels=2)).eval()
     pixel_values = torch.randn(2, 3, 3, 32, 32)
     with torch.no_grad():
         from_pixels = model(pixel_values).logits
@@ -63,7 +58,7 @@ def test_cached_slice_embeddings_give_the_same_output_as_pixels():
 
 def test_multi_contrast_embeddings_are_averaged():
     torch.manual_seed(2)
-    model = BrainDinoForRegression(_config()).eval()
+    model = BrainDinoForRegression(small_config()).eval()
     contrasts = torch.randn(2, 4, 3, 3, 32, 32)  # 2 subjects x 4 contrasts x 3 slices
     with torch.no_grad():
         joint = model(contrasts).volume_embeddings
@@ -75,7 +70,7 @@ def test_multi_contrast_embeddings_are_averaged():
 def test_problem_types_use_their_own_losses(problem_type):
     torch.manual_seed(3)
     head_class = BrainDinoForClassification if problem_type.endswith("classification") else BrainDinoForRegression
-    model = head_class(_config(problem_type=problem_type, num_labels=2 if problem_type.endswith("classification") else 1))
+    model = head_class(small_config(problem_type=problem_type, num_labels=2 if problem_type.endswith("classification") else 1))
     embeddings = torch.randn(4, 5, 64)
     if problem_type == "regression":
         labels = torch.tensor([30.0, 50.0, 70.0, 40.0])
@@ -92,7 +87,7 @@ def test_problem_types_use_their_own_losses(problem_type):
 
 def test_attention_pooling_weights_slices():
     torch.manual_seed(4)
-    model = BrainDinoForClassification(_config(num_labels=2, pooling="attention")).eval()
+    model = BrainDinoForClassification(small_config(num_labels=2, pooling="attention")).eval()
     output = model(slice_embeddings=torch.randn(3, 7, 64))
     assert output.slice_weights.shape == (3, 7)
     torch.testing.assert_close(output.slice_weights.sum(dim=1), torch.ones(3))
@@ -100,7 +95,7 @@ def test_attention_pooling_weights_slices():
 
 def test_classification_head_round_trips_through_the_auto_class(tmp_path):
     torch.manual_seed(5)
-    model = BrainDinoForClassification(_config(num_labels=4)).eval()
+    model = BrainDinoForClassification(small_config(num_labels=4)).eval()
     model.save_pretrained(tmp_path / "head")
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "head").eval()
     assert isinstance(reloaded, BrainDinoForClassification) and reloaded.config.problem_type == "single_label_classification"
@@ -110,7 +105,7 @@ def test_classification_head_round_trips_through_the_auto_class(tmp_path):
 
 def test_regression_with_target_statistics_reports_real_units_and_loses_on_the_standard_scale():
     torch.manual_seed(6)
-    model = BrainDinoForRegression(_config(num_labels=1, target_mean=[50.0], target_std=[20.0])).eval()
+    model = BrainDinoForRegression(small_config(num_labels=1, target_mean=[50.0], target_std=[20.0])).eval()
     embeddings = torch.randn(3, 4, 64)
     labels = torch.tensor([30.0, 55.0, 80.0])
     output = model(slice_embeddings=embeddings, labels=labels)
@@ -122,7 +117,7 @@ def test_regression_with_target_statistics_reports_real_units_and_loses_on_the_s
 
 def test_day_counts_are_learnt_in_log1p_space_and_reported_in_days():
     torch.manual_seed(7)
-    model = BrainDinoForRegression(_config(num_labels=1, target_mean=[4.0], target_std=[1.5],
+    model = BrainDinoForRegression(small_config(num_labels=1, target_mean=[4.0], target_std=[1.5],
                                            target_transform="log1p")).eval()
     embeddings = torch.randn(3, 4, 64)
     days = torch.tensor([10.0, 90.0, 400.0])
