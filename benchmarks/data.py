@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
-from braindino.train.augment import MultiCropCollator, MultiCropConfig, augment_intensity, gaussian_blur
-from braindino.train.corpus import prepare_corpus, scan_sources
-from braindino.train.data import multicrop_loader, slice_stream
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig, augment_intensity, gaussian_blur
+from braindino.train.data.slice_corpus import prepare_corpus, scan_sources
+from braindino.train.data.stream import multicrop_loader, slice_stream
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 
 def loader_samples_per_second(corpus: Path, batch_size: int, batches: int, num_workers: int) -> float:

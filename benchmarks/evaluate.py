@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from braindino.train.evaluate import EvaluationConfig, _head_config, backbone_name, run_evaluation
-from braindino.train.features import FeatureCache, load_backbone
-from braindino.train.heads import read_samples
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.evaluation.protocol import EvaluationConfig, _head_config, backbone_name, run_evaluation
+from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.heads.runs import read_samples
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch
 from memory import peak_rss_mib, rss_mib
 
 from braindino import BrainDinoForRegression
-from braindino.train.features import FeatureCache, load_backbone
+from braindino.train.heads.feature_cache import FeatureCache, load_backbone
 
 
 def _head(backbone, ages: torch.Tensor) -> BrainDinoForRegression:
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
 
-    from braindino.train.synthetic import write_synthetic_corpus
+    from braindino.train.data.synthetic import write_synthetic_corpus
 
     with tempfile.TemporaryDirectory() as scratch:
         write_synthetic_corpus(scratch, args.subjects, seed=0, workers=2)

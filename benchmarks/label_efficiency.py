@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from braindino.train.heads import HeadTrainingConfig, train_heads
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.heads.runs import HeadTrainingConfig, train_heads
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 FRACTIONS = [0.01, 0.1, 1.0]
 TASKS = {  # name → (train-head settings, metric, higher is better)
@@ -35,8 +35,9 @@ TASKS = {  # name → (train-head settings, metric, higher is better)
 
 
 def pretrained_backbone(out: Path, minutes: float, workers: int) -> str:
-    from braindino.train.corpus import prepare_corpus
-    from braindino.train.pretrain import PretrainConfig, pretrain
+    from braindino.train.data.slice_corpus import prepare_corpus
+    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.recipe import PretrainConfig
 
     write_synthetic_corpus(out / "pretrain-subjects", 24, seed=0, workers=workers)
     prepare_corpus([out / "pretrain-subjects"], out / "pretrain-corpus", workers=workers)

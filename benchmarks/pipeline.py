@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
-    from braindino.train.synthetic import write_synthetic_corpus
+    from braindino.train.data.synthetic import write_synthetic_corpus
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

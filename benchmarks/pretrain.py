@@ -3,8 +3,8 @@ DINOv3ViTModel as student and teacher backbone (same width, depth, heads, regist
 losses and optimiser), side by side in one run. Peak memory in one fresh process per variant.
 
 A step = teacher forward on the 2 global crops, student forward on 2 global (iBOT-masked) + N local crops,
-DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, AdamW, EMA update — `ssl_losses`,
-`build_optimizer` and `update_teacher` from `braindino.train.pretrain`, exactly what `braindino pretrain` runs.
+DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, schedules, gradient clipping, AdamW, EMA update:
+the loop's own `SelfDistillation` module, `build_optimizer` and `train_step`, exactly what `braindino pretrain` runs.
 
     python benchmarks/pretrain.py                       # tiny and small, the tiny recipe's crops (112 / 48 px), batch 16
     python benchmarks/pretrain.py --presets small --global-size 224 --local-size 96 --local-crops 8 --batch 8
@@ -13,7 +13,6 @@ DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, AdamW, EMA upd
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from types import SimpleNamespace
@@ -24,8 +23,11 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, braindino_from_dinov3
-from braindino.train.augment import MultiCropCollator, MultiCropConfig
-from braindino.train.pretrain import MultiCropStudent, PretrainConfig, SSLLosses, build_optimizer, ssl_losses, update_teacher
+from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
+from braindino.train.pretraining.loop import build_optimizer, train_step
+from braindino.train.pretraining.recipe import PretrainConfig
+from braindino.train.pretraining.schedules import build_schedules
+from braindino.train.pretraining.self_distillation import SelfDistillation
 
 
 class TransformersBackbone(nn.Module):
@@ -57,11 +59,13 @@ def build(which: str, preset: str) -> BrainDinoForPreTraining:
 
 
 def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
-    student = build(which, preset).train()
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    wrapped = MultiCropStudent(student)
-    optimizer = build_optimizer(student, PretrainConfig())  # the loop's own optimiser (groups, fused AdamW)
-    losses = SSLLosses(0.1)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    recipe = PretrainConfig(iterations=1)
+    model = SelfDistillation(build(which, preset), recipe).train()
+    optimizer = build_optimizer(model.student, recipe)  # the loop's own optimiser (groups, fused AdamW)
+    schedules = build_schedules(recipe, batch_size)
     torch.manual_seed(1)
     batch = {
         "global_crops": torch.randn(2 * batch_size, 3, crops.global_crop_size, crops.global_crop_size),
@@ -71,11 +75,7 @@ def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
 
     def step() -> float:
         started = time.perf_counter()
-        values = ssl_losses(wrapped, teacher, None, None, losses, batch, 0.04, 2)
-        sum(values.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_teacher(teacher, student, 0.992)
+        train_step(accelerator, model, optimizer, batch, schedules, 0, recipe.clip_grad)
         return time.perf_counter() - started
 
     images = (2 + crops.local_crops_number) * batch_size

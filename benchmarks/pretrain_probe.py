@@ -31,10 +31,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
-from braindino.train.corpus import prepare_corpus
-from braindino.train.features import Backbone, embed_volumes
-from braindino.train.pretrain import PretrainConfig, pretrain
-from braindino.train.synthetic import CONTRASTS, write_synthetic_corpus
+from braindino.train.data.slice_corpus import prepare_corpus
+from braindino.train.heads.feature_cache import Backbone, embed_volumes
+from braindino.train.pretraining.loop import pretrain
+from braindino.train.pretraining.recipe import PretrainConfig
+from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
 
 
 def probe_scores(features: np.ndarray, rows: list[dict], volume_contrasts: list[str], subjects: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""BrainDINO Space: upload a brain MRI volume (or take the bundled SYNTHETIC example), scroll its axial slices, and
+"""BrainDINO Space: upload a brain MRI volume (or take the example scan), scroll its axial slices, and
 run brain age, classification, tumour segmentation (mask overlaid, volumes per region) and a PCA map of the
 backbone's patch features (the paper's representation analysis).
 
@@ -22,8 +22,8 @@ import gradio as gr
 import numpy as np
 
 from braindino import BrainDinoInputError
-from braindino.train.analysis import patch_pca_rgb
-from braindino.train.predict import load_pipeline
+from braindino.feature_maps import patch_pca_rgb
+from braindino.pipelines import load_pipeline
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD = "256mb"
@@ -35,9 +35,9 @@ LABEL_COLOURS = {"necrotic_core": "#1f77b4", "edema": "#2ca02c", "enhancing_tumo
 def load_config() -> dict[str, str | None]:
     path = Path(os.environ.get("BRAINDINO_SPACE_CONFIG", HERE / "models.json"))
     config = json.loads(path.read_text())
-    unknown = set(config) - set(TASKS)
+    unknown = set(config) - set(TASKS) - {"example"}
     if unknown:
-        raise ValueError(f"{path}: unknown entries {sorted(unknown)}; expected {sorted(TASKS)}")
+        raise ValueError(f"{path}: unknown entries {sorted(unknown)}; expected {sorted(TASKS)} and optionally example")
     return config
 
 
@@ -54,7 +54,7 @@ def pipeline_for(entry: str):
 
 def _path(file) -> str:
     if file is None:
-        raise gr.Error("Upload a .nii or .nii.gz volume first (or pick the synthetic example).")
+        raise gr.Error("Upload a .nii or .nii.gz volume first (or pick the example scan).")
     return file if isinstance(file, str) else file.name
 
 
@@ -163,23 +163,25 @@ def pca_map(file, index, progress=gr.Progress()):
     return (np.kron(rgb, np.ones((patch, patch, 1))) * 255).astype(np.uint8)
 
 
-def example_scan() -> str:
-    """One SYNTHETIC subject (MNI152 anatomy, randomly deformed, with a tumour), written once at start."""
-    from braindino.train.synthetic import write_synthetic_corpus
+def example_scan() -> tuple[str, str]:
+    """The example under the upload box and its label: `example` in the models file (the quickstart names one of
+    its held-out SYNTHETIC subjects), else nilearn's MNI152 T1 template (a real population-average brain)."""
+    if CONFIG.get("example"):
+        return CONFIG["example"], "SYNTHETIC example (held-out quickstart subject)"
+    from braindino.example_data import write_mni152_t1
 
-    folder = Path(tempfile.mkdtemp(prefix="braindino-example-"))
-    write_synthetic_corpus(folder, 1, seed=7, tumor_fraction=1.0)
-    return str(next(folder.glob("*/*_flair.nii.gz")))
+    return str(write_mni152_t1(Path(tempfile.mkdtemp(prefix="braindino-example-")), resolution=2)), "MNI152 T1 template"
 
 
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="BrainDINO") as demo:
         gr.Markdown("# BrainDINO\nA frozen self-supervised brain-MRI backbone with small task heads. "
-                    "**Research use only — not for clinical decisions.** The bundled example is SYNTHETIC.")
+                    "**Research use only — not for clinical decisions.** The quickstart's example scan is SYNTHETIC.")
         with gr.Row():
             with gr.Column(scale=1):
                 volume = gr.File(label="Brain MRI (.nii / .nii.gz)", file_types=[".nii", ".gz"], type="filepath")
-                gr.Examples([[example_scan()]], inputs=[volume], label="SYNTHETIC example (FLAIR with a tumour)")
+                example, example_label = example_scan()
+                gr.Examples([[example]], inputs=[volume], label=example_label)
                 info = gr.Markdown()
                 index = gr.Slider(0, 1, value=0, step=1, label="axial slice")
                 show_mask = gr.Checkbox(value=True, label="overlay the segmentation")

@@ -37,7 +37,7 @@ def tiny_config() -> BrainDinoConfig:
 @pytest.fixture(scope="session")
 def mni152_path(tmp_path_factory) -> str:
     """nilearn's MNI152 T1 template at 2 mm, written as a real .nii.gz file."""
-    from braindino.train.example_data import write_mni152_t1
+    from braindino.example_data import write_mni152_t1
 
     return str(write_mni152_t1(tmp_path_factory.mktemp("mni"), resolution=2))
 
@@ -56,7 +56,7 @@ def save_nifti(path, data, affine=None) -> str:
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory):
     """10 SYNTHETIC subjects (6 with tumours) with labels.csv and sequences.csv, written once per session."""
-    from braindino.train.synthetic import write_synthetic_corpus
+    from braindino.train.data.synthetic import write_synthetic_corpus
 
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic_corpus(out, 10, seed=3, tumor_fraction=0.6, workers=2)
@@ -74,7 +74,7 @@ def head_folders(tmp_path_factory) -> dict:
         BrainDinoImageProcessor,
         BrainDinoModel,
     )
-    from braindino.train.heads import export_head
+    from braindino.pipelines import export_head
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("heads")

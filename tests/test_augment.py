@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from braindino.train.augment import (
+from braindino.train.data.multicrop import (
     MultiCropCollator,
     MultiCropConfig,
     augment_intensity,

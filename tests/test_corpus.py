@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from braindino import BrainDinoImageProcessor
-from braindino.train.corpus import decode_pixels, describe_volume, prepare_corpus, scan_sources
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.data.slice_corpus import decode_pixels, describe_volume, prepare_corpus, scan_sources
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_parallel_prepare_after_torch_has_run_in_this_process(sources, tmp_path)
     script = (
         "import torch, sys\n"
         "torch.nn.functional.interpolate(torch.rand(8, 1, 256, 256), size=(300, 300), mode='bilinear')\n"
-        "from braindino.train.corpus import prepare_corpus\n"
+        "from braindino.train.data.slice_corpus import prepare_corpus\n"
         f"manifest = prepare_corpus([{str(sources / 'synthetic')!r}], {str(tmp_path)!r}, size=32, volumes_per_shard=2,"
         " workers=2, progress=False)\n"
         "print('volumes', manifest['volumes'])\n"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from braindino.train.augment import MultiCropConfig
-from braindino.train.corpus import prepare_corpus
-from braindino.train.data import multicrop_loader, slice_stream
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.data.multicrop import MultiCropConfig
+from braindino.train.data.slice_corpus import prepare_corpus
+from braindino.train.data.stream import multicrop_loader, slice_stream
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

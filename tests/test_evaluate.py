@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from braindino.train.evaluate import bootstrap_interval, exact_mcnemar, knn_probe
+from braindino.train.evaluation.protocol import bootstrap_interval, exact_mcnemar, knn_probe
 
 
 def test_exact_mcnemar_by_hand():

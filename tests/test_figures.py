@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from braindino import BrainDinoImageProcessor, BrainDinoModel
-from braindino.train.figures import loss_curve_figure, segmentation_figure
+from braindino.train.evaluation.figures import loss_curve_figure, segmentation_figure
 from braindino.train.predict import predict_files
 
 

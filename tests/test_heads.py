@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from braindino import BrainDinoForRegression
-from braindino.train.features import FeatureCache, load_backbone
-from braindino.train.heads import HeadTrainingConfig, Sample, subsample, evaluation_splits
+from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.heads.runs import HeadTrainingConfig, Sample, subsample, evaluation_splits
 
 
 def _run_cli(*arguments, timeout=600):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from braindino import BrainDinoConfig, BrainDinoForRegression, BrainDinoImageProcessor
-from braindino.train.cards import write_head_card
-from braindino.train.heads import export_head
+from braindino.train.release.cards import write_head_card
+from braindino.pipelines import export_head
 from hub_server import start_hub_server
 
 

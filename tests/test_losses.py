@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from braindino.train.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
 
 
 def test_sinkhorn_knopp_rows_sum_to_one_and_prototypes_are_balanced():

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from braindino.train.metrics import (
+from braindino.train.evaluation.metrics import (
     EMPTY_REFERENCE_HD95,
     brats_metrics,
     classification_metrics,

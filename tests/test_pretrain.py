@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModel, AutoModelForPreTraining
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoModel
-from braindino.train.corpus import prepare_corpus
-from braindino.train.param_groups import parameter_groups
-from braindino.train.schedules import cosine_schedule, linear_then_constant
-from braindino.train.synthetic import write_synthetic_corpus
+from braindino.train.data.slice_corpus import prepare_corpus
+from braindino.train.pretraining.param_groups import parameter_groups
+from braindino.train.pretraining.schedules import cosine_schedule, linear_then_constant
+from braindino.train.data.synthetic import write_synthetic_corpus
 
 MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
                "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64}
@@ -84,7 +84,7 @@ def recipe(tmp_path_factory):
 
 
 def _command(recipe, output_dir, *extra):
-    return [sys.executable, "-m", "braindino.train.pretrain", "--config", str(recipe), "--output-dir", str(output_dir), *extra]
+    return [sys.executable, "-m", "braindino.train.pretraining", "--config", str(recipe), "--output-dir", str(output_dir), *extra]
 
 
 def _losses(output_dir) -> dict[int, dict]:
@@ -136,7 +136,7 @@ def test_two_process_accelerate_launch_trains_like_one_process(recipe, tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "braindino.train.pretrain", "--config", str(recipe), "--output-dir", str(tmp_path / "two"),
+              "-m", "braindino.train.pretraining", "--config", str(recipe), "--output-dir", str(tmp_path / "two"),
               "--iterations", "10", "--batch-size", "2"]
     two = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -157,12 +157,13 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
     take the preset's sizes."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from braindino.train.pretrain import PretrainConfig, initial_model
+    from braindino.train.pretraining.recipe import PretrainConfig
+    from braindino.train.pretraining.self_distillation import build_student
 
     source = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, num_register_tokens=4, layerscale_value=0.5)).eval()
     source.save_pretrained(tmp_path / "dinov3")
-    model = initial_model(PretrainConfig(preset="tiny", init_from=str(tmp_path / "dinov3"), init_format="dinov3")).eval()
+    model = build_student(PretrainConfig(preset="tiny", init_from=str(tmp_path / "dinov3"), init_format="dinov3")).eval()
     pixel_values = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         difference = (model.braindino(pixel_values).last_hidden_state - source(pixel_values).last_hidden_state).abs().max()

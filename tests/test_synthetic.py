@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from braindino import BrainDinoImageProcessor, load_volume
-from braindino.train.synthetic import synthesize_subject
+from braindino.train.data.synthetic import synthesize_subject
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_tumour_mask_marks_bright_flair_and_maps_onto_model_slices(corpus):
 
 def test_age_and_disease_drive_their_own_atrophy_patterns():
     """Same subject draw at two ages: more CSF when older. With the disease: medial temporal grey matter lost."""
-    from braindino.train import synthetic
+    from braindino.train.data import synthetic
 
     anatomy = synthetic.load_anatomy(2)
     fractions = {

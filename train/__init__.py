@@ -1,1 +1,4 @@
-"""BrainDINO training side: corpus building, data, losses, pretraining, heads, evaluation, CLI."""
+"""BrainDINO training side, one sub-package per stage of the data path:
+
+data → pretraining → heads → evaluation → release; `cli` parses the `braindino` command line, `quickstart`
+chains every stage on the embedded SYNTHETIC data, `predict` runs the pipelines over files."""

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _extract_features(args: argparse.Namespace) -> int:
-    from .example_data import write_mni152_t1
-    from .features import extract_features, load_backbone
+    from braindino.example_data import write_mni152_t1
+    from braindino.train.heads.feature_cache import extract_features, load_backbone
 
     paths = list(args.files)
     if args.example == "mni152":
@@ -30,7 +30,7 @@ def _extract_features(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synthetic import write_synthetic_corpus
+    from braindino.train.data.synthetic import write_synthetic_corpus
 
     print(f"writing {args.subjects} SYNTHETIC subjects (MNI152 anatomy, randomly deformed) to {args.out}")
     labels = write_synthetic_corpus(
@@ -42,7 +42,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
-    from .corpus import prepare_corpus
+    from braindino.train.data.slice_corpus import prepare_corpus
 
     manifest = prepare_corpus(args.sources, args.out, size=args.size, volumes_per_shard=args.volumes_per_shard,
                               workers=args.workers)
@@ -60,9 +60,9 @@ def _stream(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .augment import MultiCropConfig
-    from .data import multicrop_loader, slice_stream
-    from .preview import save_crop_preview
+    from braindino.train.data.multicrop import MultiCropConfig
+    from braindino.train.data.stream import multicrop_loader, slice_stream
+    from braindino.train.data.preview import save_crop_preview
 
     torch.manual_seed(args.seed)
     config = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size,
@@ -92,7 +92,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from .heads import HeadTrainingConfig, train_heads
+    from braindino.train.heads.runs import HeadTrainingConfig, train_heads
 
     config = HeadTrainingConfig(
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
@@ -127,7 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvaluationConfig, run_evaluation
+    from braindino.train.evaluation.protocol import EvaluationConfig, run_evaluation
 
     config = EvaluationConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
                               event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
@@ -141,16 +141,49 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _push_to_hub(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from braindino.train.release.hub import push_folder
 
     print(f"pushed {args.folder} → {push_folder(args.folder, args.repo_id, private=args.private)}")
     return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import run
+    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.recipe import PretrainConfig
 
-    return run(args)
+    config = PretrainConfig.load(args.config, corpus=args.corpus, output_dir=args.output_dir, iterations=args.iterations,
+                                 batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+                                 num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
+                                 init_format=args.init_format, mixed_precision=args.mixed_precision,
+                                 time_limit_minutes=args.time_limit_minutes, knn_labels=args.knn_labels,
+                                 knn_every=args.knn_every)
+    if args.tracker is not None:
+        config.tracker = None if args.tracker == "none" else args.tracker
+    if not config.corpus:
+        raise SystemExit("braindino pretrain: give --corpus (a folder written by `braindino prepare-data`)")
+    summary = pretrain(config, resume=not args.no_resume)
+    if "backbone" in summary:
+        print(f"pretrained backbone: {summary['backbone']} ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="a JSON recipe file or a bundled recipe name")
+    parser.add_argument("--corpus", help="a folder written by prepare-data")
+    parser.add_argument("--output-dir")
+    parser.add_argument("--iterations", type=int)
+    parser.add_argument("--batch-size", type=int, help="per process")
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--init-from", help="BrainDINO pretraining folder, or DINOv3/DINOv2 weights (see --init-format)")
+    parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
+    parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--knn-labels", help="k-NN monitor: CSV of labelled volumes (columns image, contrast by default)")
+    parser.add_argument("--knn-every", type=int, help="k-NN monitor interval in iterations (default 100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,10 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=_push_to_hub)
 
-    from .pretrain import add_arguments
-
-    pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretrain)")
-    add_arguments(pretrain)
+    pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretraining)")
+    _add_pretrain_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
     return parser
 

@@ -7,20 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from braindino import BrainDinoImageProcessor, BrainDinoInputError
-from braindino.pipelines import PIPELINE_TASKS
-
-
-def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """The pipeline for `task` on a local folder or Hub id, built from this package's classes (so no remote code
-    runs, even for folders that also carry `custom_pipelines` for users without the package)."""
-    pipeline_class, model_class, _ = PIPELINE_TASKS[task]
-    loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
-    processor = BrainDinoImageProcessor.from_pretrained(model)
-    return pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)
+from braindino import BrainDinoInputError
+from braindino.pipelines import load_pipeline
 
 
 def parse_input(argument: str) -> str | dict[str, str]:

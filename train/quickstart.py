@@ -23,14 +23,15 @@ def _step(number: int, total: int, text: str) -> float:
 def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2,
                    pretrain_minutes: float = 3.0) -> Path:
     """Run every stage that exists into `out_dir`; return the report's path."""
-    from .augment import MultiCropConfig
-    from .corpus import prepare_corpus
-    from .data import multicrop_loader, slice_stream
-    from .example_data import write_mni152_t1
-    from .features import extract_features, load_backbone
-    from .pretrain import PretrainConfig, pretrain
-    from .preview import save_crop_preview
-    from .synthetic import CONTRASTS, write_synthetic_corpus
+    from braindino.train.data.multicrop import MultiCropConfig
+    from braindino.train.data.slice_corpus import prepare_corpus
+    from braindino.train.data.stream import multicrop_loader, slice_stream
+    from braindino.example_data import write_mni152_t1
+    from braindino.train.heads.feature_cache import extract_features, load_backbone
+    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.recipe import PretrainConfig
+    from braindino.train.data.preview import save_crop_preview
+    from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
 
     out_dir = Path(out_dir)
     total = 7
@@ -80,7 +81,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
     started = _step(7, total, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
     predictions = run_quickstart_pipelines(out_dir, heads, trained["backbone"], held_out_scans[0].parent)
     pictures = report_pictures(out_dir, trained["backbone"], heads, held_out_scans[0].parent)
-    space_config = write_space_config(out_dir, heads, trained["backbone"])
+    example = next(held_out_scans[0].parent.glob("*_flair.nii.gz"))
+    space_config = write_space_config(out_dir, heads, trained["backbone"], example)
     timings["pipelines"] = time.perf_counter() - started
 
     report = out_dir / "report.md"
@@ -124,7 +126,7 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str,
     """A brain-age head (all labels and 50 %) and, where at least 3 subjects have a tumour, a segmentation head."""
     import csv
 
-    from .heads import HeadTrainingConfig, train_heads
+    from braindino.train.heads.runs import HeadTrainingConfig, train_heads
 
     labels = out_dir / "synthetic" / "labels.csv"
     common = dict(labels=str(labels), backbone=backbone, seeds=[seed], num_slices=32)
@@ -183,7 +185,7 @@ def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subjec
     the reference outline and the patch-feature PCA map."""
     from braindino import BrainDinoImageProcessor, BrainDinoModel
 
-    from .figures import loss_curve_figure, segmentation_figure
+    from braindino.train.evaluation.figures import loss_curve_figure, segmentation_figure
 
     pictures = {"pretraining loss": loss_curve_figure(out_dir / "pretrain" / "metrics.jsonl", out_dir / "loss_curve.png")}
     masks = sorted((out_dir / "predictions" / "brain-tumor-segmentation").glob("*_seg.nii.gz"))
@@ -197,10 +199,10 @@ def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subjec
     return pictures
 
 
-def write_space_config(out_dir: Path, heads: dict[str, dict], backbone: str) -> Path:
-    """A `models.json` for the Space naming this run's models (absolute paths)."""
+def write_space_config(out_dir: Path, heads: dict[str, dict], backbone: str, example: Path) -> Path:
+    """A `models.json` for the Space naming this run's models and a held-out SYNTHETIC example (absolute paths)."""
     config = {"brain_age": str(Path(heads["brain age"]["exported_model"]["folder"]).resolve()), "classification": None,
-              "segmentation": None, "backbone": str(Path(backbone).resolve())}
+              "segmentation": None, "backbone": str(Path(backbone).resolve()), "example": str(example.resolve())}
     if "tumour segmentation" in heads:
         config["segmentation"] = str(Path(heads["tumour segmentation"]["exported_model"]["folder"]).resolve())
     path = out_dir / "space_models.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 from accelerate import Accelerator
 
-from braindino.train.data import slice_stream
+from braindino.train.data.stream import slice_stream
 
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2  # as in tests/conftest.py
 corpus, out = sys.argv[1], Path(sys.argv[2])

@@ -25,7 +25,7 @@ from datasets import Dataset, Features, List, Value
 
 from braindino import BrainDinoImageProcessor, BrainDinoInputError
 
-from .synthetic import declares_synthetic
+from braindino.train.data.synthetic import declares_synthetic
 
 SLICE_FEATURES = Features(
     {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .corpus import decode_pixels
+from braindino.train.data.slice_corpus import decode_pixels
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Real anatomy that ships offline: the MNI152 T1 template bundled in `nilearn`.
 
-The labelled synthetic corpus built on this anatomy arrives with `braindino synth`; this module only
-writes the template itself, the one real (non-synthetic) volume available without a download.
+The labelled SYNTHETIC corpus built on this anatomy comes from `braindino synth` (the training extra); this module
+only writes the template itself (needs `nilearn`: the `train` and `space` extras), the one real volume available offline.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from braindino import BrainDinoImageProcessor, BrainDinoModel  # noqa: E402
 
-from .analysis import patch_pca_rgb  # noqa: E402
+from braindino.feature_maps import patch_pca_rgb  # noqa: E402
 
 # BraTS labels 1, 2, 3 → RGBA
 MASK_COLOURS = np.array([[0, 0, 0, 0], [0.12, 0.47, 0.71, 0.6], [0.17, 0.63, 0.17, 0.5], [0.84, 0.15, 0.16, 0.7]])

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .heads import PRIMARY_METRIC, HeadTrainingConfig, evaluation_splits, json_safe, read_samples, train_heads
-from .metrics import regression_metrics, survival_metrics
+from braindino.train.heads.runs import PRIMARY_METRIC, HeadTrainingConfig, evaluation_splits, json_safe, read_samples, train_heads
+from braindino.train.evaluation.metrics import regression_metrics, survival_metrics
 
 LOWER_IS_BETTER = {"mae", "rmse", "hd95_whole_tumor"}
 
@@ -196,7 +196,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
 
 def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     """k-NN probe on each backbone's cached subject embeddings (seed 0's split), McNemar against the first."""
-    from .features import FeatureCache, load_backbone
+    from braindino.train.heads.feature_cache import FeatureCache, load_backbone
 
     labels = np.array([classes.index(sample.target) for sample in samples])
     train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.seeds[0])[0]

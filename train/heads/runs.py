@@ -29,9 +29,9 @@ from braindino import (
     BrainDinoForSegmentation,
 )
 
-from .features import Backbone, FeatureCache, load_backbone
-from .metrics import brats_metrics, classification_metrics, regression_metrics, survival_metrics
-from .synthetic import declares_synthetic
+from braindino.train.heads.feature_cache import Backbone, FeatureCache, load_backbone
+from braindino.train.evaluation.metrics import brats_metrics, classification_metrics, regression_metrics, survival_metrics
+from braindino.train.data.synthetic import declares_synthetic
 
 TASKS = ("classification", "regression", "survival", "segmentation")
 # BraTS 2023 label names, index = label value (the synthetic corpus uses the same).
@@ -473,27 +473,15 @@ def train_heads(config: HeadTrainingConfig) -> dict:
     results = json_safe(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     if exported:
-        from .cards import write_head_card
+        from braindino.train.release.cards import write_head_card
 
         write_head_card(results, out / "model")
     return results
 
 
-def export_head(model, processor, task: str, folder: str | Path) -> Path:
-    """A complete folder: weights, config (labels or target statistics, `auto_map`), processor, module files, and
-    the pipeline code with `custom_pipelines`, so `pipeline(TASK, model=folder, trust_remote_code=True)` runs
-    where this package is not installed. `task` is a train-head task (classification, regression, ...)."""
-    from braindino.pipelines import TASK_FOR_HEAD, custom_pipelines_entry, pipeline_module_file
-
-    folder = Path(folder)
-    model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
-    return folder
-
-
 def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Path) -> None:
     processor = copy.deepcopy(backbone.processor)
     processor.num_slices = config.num_slices if config.task != "segmentation" else None  # masks map back exactly
+    from braindino.pipelines import export_head
+
     export_head(model, processor, config.task, folder)

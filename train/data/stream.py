@@ -14,7 +14,7 @@ import torch
 from datasets import IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from .augment import MultiCropCollator, MultiCropConfig
+from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 
 
 def source_streams(corpus_dir: str | Path) -> dict[str, IterableDataset]:
@@ -74,3 +74,53 @@ def multicrop_loader(
         num_workers=num_workers, generator=generator, drop_last=True,
         persistent_workers=num_workers > 0,
     )
+
+
+class ResumableRowBatches:
+    """This rank's endless stream of raw row batches (epoch after epoch), with the position needed to resume
+    exactly: `(data_epoch, batches_in_epoch)`. Loader workers only read rows; augmentation happens elsewhere."""
+
+    def __init__(self, corpus_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, num_workers: int = 0, data_epoch: int = 0, skip_batches: int = 0):
+        self.corpus_dir, self.batch_size, self.num_workers = corpus_dir, batch_size, num_workers
+        self.rank, self.seed = rank, seed
+        self.data_epoch, self.batches_in_epoch = data_epoch, 0
+        self.stream = slice_stream(corpus_dir, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+        self._start_epoch()
+        for _ in range(skip_batches):
+            next(self)
+
+    @property
+    def position(self) -> dict:
+        return {"data_epoch": self.data_epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def _start_epoch(self) -> None:
+        self.stream.set_epoch(self.data_epoch)
+        # Its own generator: iter(DataLoader) would otherwise draw from the global RNG, which the model's
+        # randomness (drop-path, RoPE augmentation) shares, and a resumed run would drift from the original.
+        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.data_epoch)) % (2**63))
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=list,
+                                             num_workers=self.num_workers, drop_last=True, generator=generator)
+        self.iterator = iter(loader)
+        self.batches_in_epoch = 0
+
+    def close(self) -> None:
+        """Stop the loader's worker and the stream's reader threads now, not at interpreter exit (where
+        pyarrow's threads can hang the process)."""
+        if hasattr(self.iterator, "_shutdown_workers"):
+            self.iterator._shutdown_workers()
+        del self.iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        for _ in range(2):
+            try:
+                rows = next(self.iterator)
+                self.batches_in_epoch += 1
+                return rows
+            except StopIteration:
+                self.data_epoch += 1
+                self._start_epoch()
+        raise RuntimeError(f"{self.corpus_dir}: this rank's share holds fewer than one batch of {self.batch_size}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from braindino import BrainDinoModel
+from .modeling_braindino import BrainDinoModel
 
 
 @torch.inference_mode()

@@ -1,0 +1,72 @@
+"""Head folders on the inference side: export one that runs anywhere, and load the pipeline for one.
+
+An exported folder holds the weights, the config (labels or target statistics, `auto_map`), the processor, the
+module files and its own copy of the pipeline code with `custom_pipelines`, so
+`pipeline(TASK, model=folder, trust_remote_code=True)` also runs where this package is not installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+from ..image_processing_braindino import BrainDinoImageProcessor
+from ..modeling_braindino import BrainDinoForClassification, BrainDinoForRegression, BrainDinoForSegmentation
+from . import brain_mri
+from .brain_mri import (
+    BrainAgePipeline,
+    BrainMRIClassificationPipeline,
+    BrainMRIFeatureExtractionPipeline,
+    BrainSurvivalPipeline,
+    BrainTumorSegmentationPipeline,
+)
+
+# task → (pipeline class, model class used with the package installed, transformers Auto class for remote code)
+PIPELINE_TASKS = {
+    "brain-age": (BrainAgePipeline, BrainDinoForRegression, AutoModelForImageClassification),
+    "brain-survival": (BrainSurvivalPipeline, BrainDinoForRegression, AutoModelForImageClassification),
+    "brain-mri-classification": (BrainMRIClassificationPipeline, BrainDinoForClassification, AutoModelForImageClassification),
+    "brain-tumor-segmentation": (BrainTumorSegmentationPipeline, BrainDinoForSegmentation, AutoModelForSemanticSegmentation),
+    "brain-mri-feature-extraction": (BrainMRIFeatureExtractionPipeline, AutoModel, AutoModel),
+}
+# The head a train-head task exports, and the pipeline task that serves it.
+TASK_FOR_HEAD = {"regression": "brain-age", "survival": "brain-survival", "classification": "brain-mri-classification",
+                 "segmentation": "brain-tumor-segmentation"}
+
+
+def custom_pipelines_entry(task: str) -> dict:
+    """The `custom_pipelines` config entry that lets a folder run `task` from its own copy of `brain_mri.py`
+    (`pipeline(task, model=folder, trust_remote_code=True)` without this package). transformers resolves the model
+    class by name on its own module, so it must be an Auto class; the folder's `auto_map` picks our head. (Not
+    AutoModel for regression heads: with the package installed, its registration of AutoModel → BrainDinoModel
+    would win over the folder's code.)"""
+    pipeline_class, _, auto_class = PIPELINE_TASKS[task]
+    return {task: {"impl": f"brain_mri.{pipeline_class.__name__}", "pt": [auto_class.__name__], "type": "image"}}
+
+
+def pipeline_module_file() -> Path:
+    """The file to copy into a folder that carries `custom_pipelines`."""
+    return Path(brain_mri.__file__)
+
+
+def export_head(model, processor: BrainDinoImageProcessor, task: str, folder: str | Path) -> Path:
+    """Save `model` and `processor` as a complete folder for the train-head `task` (classification, regression,
+    survival, segmentation), with the pipeline code and `custom_pipelines`."""
+    folder = Path(folder)
+    model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
+    return folder
+
+
+def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """The pipeline for `task` on a local folder or Hub id, built from this package's classes (so no remote code
+    runs, even for folders that also carry `custom_pipelines` for users without the package)."""
+    pipeline_class, model_class, _ = PIPELINE_TASKS[task]
+    loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
+    processor = BrainDinoImageProcessor.from_pretrained(model)
+    return pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)

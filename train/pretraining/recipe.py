@@ -1,0 +1,80 @@
+"""Pretraining recipes: one dataclass of settings, loaded from a bundled JSON recipe (`configs/`) or a file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining recipe. Defaults are DINOv3's published ones unless noted; recipes in `train/configs/`."""
+
+    corpus: str = ""
+    output_dir: str = "outputs/pretrain"
+    preset: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    init_from: str | None = None  # a BrainDINO pretraining folder, or transformers DINOv3/DINOv2 weights
+    init_format: str = "braindino"  # "braindino", "dinov3" or "dinov2"
+    iterations: int = 1000
+    iterations_per_epoch: int = 100  # schedules count "epochs" of this many iterations (streams have no end)
+    batch_size: int = 16  # per process
+    base_lr: float = 1e-3  # scaled by sqrt(global batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2  # the issue's 0.04 → 0.2 (DINOv2); DINOv3 ends at 0.4
+    teacher_momentum: float = 0.992
+    teacher_momentum_end: float = 1.0
+    teacher_temperature: float = 0.07
+    teacher_temperature_warmup: float = 0.04
+    teacher_temperature_warmup_epochs: float = 30
+    student_temperature: float = 0.1
+    centering: str = "sinkhorn_knopp"  # or "softmax"
+    freeze_prototypes_epochs: float = 1
+    layerwise_decay: float = 0.9
+    patch_embed_lr_multiplier: float = 0.2
+    clip_grad: float = 3.0
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    gram_loss_weight: float = 0.0  # stage 2: 1.0
+    gram_teacher_refresh_iterations: int = 1000
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    local_crops_number: int = 8
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    mixed_precision: str = "no"  # "bf16" / "fp16" where the hardware has them
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    tracker: str | None = "tensorboard"
+    time_limit_minutes: float | None = None  # stop early (checkpoint + export) once this much wall time has passed
+    knn_labels: str | None = None  # optional k-NN monitor: a CSV of labelled volumes (e.g. synth's sequences.csv)
+    knn_image_column: str = "image"
+    knn_target: str = "contrast"
+    knn_every: int = 100
+
+    @classmethod
+    def load(cls, path_or_recipe: str, **overrides) -> "PretrainConfig":
+        """A JSON file, or the name of a bundled recipe (`tiny`, `small`, `base`, `base-stage2`)."""
+        path = Path(path_or_recipe)
+        if not path.exists():
+            path = RECIPES_DIR / f"{path_or_recipe}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path_or_recipe}: no such config file or bundled recipe "
+                                    f"({', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.json')))})")
+        values = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)

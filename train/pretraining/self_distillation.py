@@ -1,0 +1,111 @@
+"""The object that owns the pretraining state: student, EMA teacher, Gram teacher, centring and the losses.
+
+As in DINOv3's meta-architecture, the loop only calls small methods of one module: the losses of a batch
+(`forward`, so DDP sees one forward per backward), the teacher update, the Gram-teacher refresh. Its state dict
+is the whole training state apart from the optimiser, so a checkpoint is one `accelerator.save_state`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from braindino import BrainDinoConfig, BrainDinoForPreTraining
+from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from braindino.train.pretraining.recipe import PretrainConfig
+
+HEAD_SIZES = ("head_hidden_size", "head_bottleneck_size", "head_num_layers", "num_prototypes")
+
+
+def build_student(config: PretrainConfig) -> BrainDinoForPreTraining:
+    """From a BrainDINO pretraining folder, from scratch (the preset), or with natural-image backbone
+    weights (DINOv3/DINOv2) under fresh heads of the preset's sizes."""
+    if config.init_from and config.init_format == "braindino":
+        return BrainDinoForPreTraining.from_pretrained(config.init_from)
+    model_config = BrainDinoConfig.from_preset(config.preset, **config.model_overrides)
+    if not config.init_from:
+        return BrainDinoForPreTraining(model_config)
+    from braindino import braindino_from_dinov2, braindino_from_dinov3
+
+    convert = {"dinov3": braindino_from_dinov3, "dinov2": braindino_from_dinov2}[config.init_format]
+    backbone = convert(config.init_from, **config.model_overrides)
+    heads = {key: getattr(model_config, key) for key in HEAD_SIZES}
+    model = BrainDinoForPreTraining(BrainDinoConfig(**{**backbone.config.to_dict(), **heads}))
+    model.braindino.load_state_dict(backbone.state_dict())
+    return model
+
+
+class SelfDistillation(nn.Module):
+    """Student and teachers of one recipe, with its losses and their weights.
+
+    `forward(batch, teacher_temperature)` returns each weighted term's raw value and `loss`, their weighted sum:
+        loss = w_dino * dino + w_ibot * ibot + w_koleo * koleo (+ w_gram * gram in stage 2)
+    """
+
+    def __init__(self, student: BrainDinoForPreTraining, config: PretrainConfig):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        self.gram_teacher = copy.deepcopy(self.teacher) if config.gram_loss_weight > 0 else None
+        num_prototypes = student.config.num_prototypes
+        self.centering = SoftmaxCentering(num_prototypes) if config.centering == "softmax" else None
+        self.dino_loss = DinoClsTokenLoss(config.student_temperature)
+        self.ibot_loss = IBotPatchLoss(config.student_temperature)
+        self.koleo_loss = KoLeoLoss()
+        self.gram_loss = GramLoss()
+        self.loss_weights = {"dino": config.dino_loss_weight, "ibot": config.ibot_loss_weight,
+                             "koleo": config.koleo_loss_weight, "gram": config.gram_loss_weight}
+        self.num_global_crops = 2
+
+    def train(self, mode: bool = True) -> "SelfDistillation":
+        super().train(mode)
+        self.teacher.eval()  # teachers never train: no drop-path, no RoPE augmentation
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, temperature: float) -> dict[str, torch.Tensor | None]:
+        """Centred teacher targets for the CLS tokens `(2B, K)` and the masked patches `(M, K)` of the global crops,
+        and the Gram teacher's patch tokens where there is one."""
+        global_crops, masks = batch["global_crops"], batch["masks"]
+        output = self.teacher(global_crops, patch_positions=masks)
+        if self.centering is None:
+            cls_targets = sinkhorn_knopp(output.cls_logits, temperature)
+            patch_targets = sinkhorn_knopp(output.masked_patch_logits, temperature)
+        else:
+            cls_targets = self.centering(output.cls_logits, temperature)
+            patch_targets = torch.softmax(output.masked_patch_logits.float() / temperature, dim=-1)
+        gram = self.gram_teacher.braindino(global_crops).patch_tokens if self.gram_teacher is not None else None
+        return {"cls": cls_targets, "patches": patch_targets, "gram": gram}
+
+    def forward(self, batch: dict, teacher_temperature: float) -> dict[str, torch.Tensor]:
+        targets = self.teacher_targets(batch, teacher_temperature)
+        global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        global_output = self.student(global_crops, bool_masked_pos=masks, patch_positions=masks)
+        student_cls = global_output.cls_logits
+        if local_crops.shape[0]:
+            student_cls = torch.cat([student_cls, self.student(local_crops).cls_logits])  # [(2 + N) * B, K], crop-major
+        per_crop_cls = global_output.cls_tokens.chunk(self.num_global_crops)  # 2 x [B, D]
+        values = {
+            "dino": self.dino_loss(student_cls, targets["cls"], self.num_global_crops),
+            "ibot": self.ibot_loss(global_output.masked_patch_logits, targets["patches"], masks),
+            "koleo": torch.stack([self.koleo_loss(view) for view in per_crop_cls]).mean(),
+        }
+        if targets["gram"] is not None:
+            values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
+        values["loss"] = sum(self.loss_weights[name] * value for name, value in values.items())
+        return values
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, one fused pass over all tensors."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()],
+                             1 - momentum)
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Stage 2: the Gram teacher becomes a copy of the current EMA teacher."""
+        self.gram_teacher.load_state_dict(self.teacher.state_dict())

@@ -1,0 +1,1 @@
+"""Stage 5, release: model cards generated from real results (`cards`) and upload to the Hub (`hub`)."""
