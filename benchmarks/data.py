@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
-from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig, augment_intensity, gaussian_blur
+from braindino.train.data.multicrop import MultiCropConfig, augment_intensity, gaussian_blur
 from braindino.train.data.slice_corpus import prepare_corpus, scan_sources
 from braindino.train.data.stream import multicrop_loader, slice_stream
 from braindino.train.data.synthetic import write_synthetic_corpus

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from braindino.train.evaluation.protocol import EvaluationConfig, _head_config, backbone_name, run_evaluation
 from braindino.train.heads.feature_cache import FeatureCache, load_backbone
-from braindino.train.heads.runs import read_samples
+from braindino.train.heads.samples import read_samples
 from braindino.train.data.synthetic import write_synthetic_corpus
 
 

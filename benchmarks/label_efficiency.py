@@ -21,7 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from braindino.train.heads.runs import HeadTrainingConfig, train_heads
+from braindino.train.evaluation.head_runs import train_heads
+from braindino.train.heads.config import HeadTrainingConfig
 from braindino.train.data.synthetic import write_synthetic_corpus
 
 FRACTIONS = [0.01, 0.1, 1.0]

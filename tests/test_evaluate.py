@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from braindino.train.evaluation.protocol import bootstrap_interval, exact_mcnemar, knn_probe
+from braindino.train.evaluation.statistics import bootstrap_interval, exact_mcnemar, knn_probe
 
 
 def test_exact_mcnemar_by_hand():
@@ -82,3 +82,28 @@ def test_survival_protocol_reports_c_index_and_kaplan_meier(synthetic_corpus, tm
     km = summary["kaplan_meier"]["random-tiny"]
     assert (km["log_rank_p"] is not None and 0 <= km["log_rank_p"] <= 1) or "one side" in km["note"]
     assert "c_index" in json.loads(next((out / "results").glob("*.json")).read_text())["metrics"]
+
+
+def test_an_unreadable_volume_is_skipped_by_the_heads_and_the_knn_probe_alike(synthetic_corpus, tmp_path):
+    """One row of the labels points at a broken file: the heads skip it, and the k-NN probe asks the cache only for
+    the subjects the heads used (it used to ask for every row and raise KeyError)."""
+    from braindino.train.evaluation.protocol import EvaluationConfig, run_evaluation
+
+    with open(synthetic_corpus / "sequences.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    broken = tmp_path / "broken_t1.nii.gz"
+    broken.write_bytes(b"not a NIfTI volume")
+    rows[0]["image"] = str(broken)
+    for row in rows[1:]:
+        row["image"] = str((synthetic_corpus / row["image"]).resolve())
+    labels = tmp_path / "sequences.csv"
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = run_evaluation(EvaluationConfig(
+        task="classification", labels=str(labels), inputs=["image"], target="contrast", backbones=["random:tiny"],
+        label_fractions=[1.0], seeds=[0], num_slices=8, size=64, knn_ks=[1], bootstrap=10, output_dir=str(tmp_path / "out")))
+    results = json.loads((tmp_path / "out" / "runs" / "random-tiny" / "results.json").read_text())
+    assert results["unreadable"] == [str(broken)] and results["samples"] == len(rows) - 1
+    assert summary["knn"]["test_cases"] == results["runs"][0]["test"]

@@ -13,7 +13,8 @@ import torch
 
 from braindino import BrainDinoForRegression
 from braindino.train.heads.feature_cache import FeatureCache, load_backbone
-from braindino.train.heads.runs import HeadTrainingConfig, Sample, subsample, evaluation_splits
+from braindino.train.heads.config import HeadTrainingConfig
+from braindino.train.heads.samples import Sample, evaluation_splits, subsample
 
 
 def _run_cli(*arguments, timeout=600):

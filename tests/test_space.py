@@ -116,3 +116,33 @@ def test_browser_uploads_a_scan_segments_it_and_shows_the_overlay(space, scan, t
 
     image = np.asarray(Image.open(screenshot).convert("RGB"))
     assert image.shape[1] == 1280 and image.std() > 10  # a rendered page, not a blank one
+
+
+
+REPO = APP.parents[1]
+
+
+@pytest.mark.slow
+def test_the_space_runs_in_a_fresh_venv_with_only_its_extra(head_folders, scan, tmp_path):
+    """A new virtual environment with torch and `braindino[space]` only (no training extra): `import braindino`, then
+    the Space builds, shows its example (the MNI152 template when none is configured) and predicts a brain age."""
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python"
+    for command in ([sys.executable, "-m", "venv", str(venv)], [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+                    [str(python), "-m", "pip", "install", "-q", f"{REPO}[space]"]):
+        installed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert installed.returncode == 0, installed.stderr[-3000:]
+    missing = subprocess.run([str(python), "-c", "import datasets"], capture_output=True, text=True)
+    assert missing.returncode != 0  # the training extra really is absent
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"brain_age": str(head_folders["age"]), "backbone": str(head_folders["backbone"])}))
+    code = ("import runpy, braindino\n"
+            f"app = runpy.run_path({str(APP)!r})\n"
+            "app['build_demo']()\n"
+            "example, label = app['example_scan']()\n"
+            "assert label == 'MNI152 T1 template' and example.endswith('.nii.gz'), (example, label)\n"
+            f"print('age', app['brain_age']({scan!r})['age'])\n")
+    result = subprocess.run([str(python), "-c", code], env={**os.environ, "BRAINDINO_SPACE_CONFIG": str(config)},
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "age " in result.stdout

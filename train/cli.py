@@ -92,7 +92,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from braindino.train.heads.runs import HeadTrainingConfig, train_heads
+    from braindino.train.evaluation.head_runs import train_heads
+    from braindino.train.heads.config import HeadTrainingConfig
 
     config = HeadTrainingConfig(
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,

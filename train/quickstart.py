@@ -3,7 +3,7 @@
 Synthetic corpus → slice corpus → one epoch of the streaming multi-crop loader (with a picture of the crops) →
 a time-bounded pretraining of the tiny backbone → frozen features of held-out scans and of the real MNI152
 template → a brain-age head and a tumour-segmentation head on that backbone (`train-head`) → every pipeline on a
-held-out scan (the mask written as NIfTI on the scan's grid). The Space joins this chain when it lands.
+held-out scan (the mask written as NIfTI on the scan's grid) → `space_models.json` naming these models for the Space.
 """
 
 from __future__ import annotations
@@ -14,44 +14,35 @@ from pathlib import Path
 
 import torch
 
+TOTAL_STEPS = 7
+
 
 def _step(number: int, total: int, text: str) -> float:
     print(f"[{number}/{total}] {text}", flush=True)
     return time.perf_counter()
 
 
-def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2,
-                   pretrain_minutes: float = 3.0) -> Path:
-    """Run every stage that exists into `out_dir`; return the report's path."""
+def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers: int, timings: dict) -> dict:
+    """Steps 1-3: the SYNTHETIC corpus (and held-out subjects), the slice corpus, one epoch of the multi-crop loader."""
     from braindino.train.data.multicrop import MultiCropConfig
+    from braindino.train.data.preview import save_crop_preview
     from braindino.train.data.slice_corpus import prepare_corpus
     from braindino.train.data.stream import multicrop_loader, slice_stream
-    from braindino.example_data import write_mni152_t1
-    from braindino.train.heads.feature_cache import extract_features, load_backbone
-    from braindino.train.pretraining.loop import pretrain
-    from braindino.train.pretraining.recipe import PretrainConfig
-    from braindino.train.data.preview import save_crop_preview
-    from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
+    from braindino.train.data.synthetic import write_synthetic_corpus
 
-    out_dir = Path(out_dir)
-    total = 7
-    timings = {}
-    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 1.5:.1f} minutes on a 2-core CPU)",
-          flush=True)
-
-    started = _step(1, total, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
+    started = _step(1, TOTAL_STEPS, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
     write_synthetic_corpus(out_dir / "synthetic", subjects, seed=seed, workers=workers)
     write_synthetic_corpus(out_dir / "synthetic-heldout", held_out, seed=seed, workers=workers, first_index=subjects)
     timings["synthetic corpus"] = time.perf_counter() - started
 
-    started = _step(2, total, "building the slice corpus (Parquet shards)")
+    started = _step(2, TOTAL_STEPS, "building the slice corpus (Parquet shards)")
     manifest = prepare_corpus([out_dir / "synthetic"], out_dir / "corpus", workers=workers)
     timings["prepare-data"] = time.perf_counter() - started
 
-    started = _step(3, total, "one epoch of the streaming multi-crop loader")
+    started = _step(3, TOTAL_STEPS, "one epoch of the streaming multi-crop loader")
     torch.manual_seed(seed)
-    config = MultiCropConfig()
-    loader = multicrop_loader(slice_stream(out_dir / "corpus", seed=seed), batch_size=32, config=config,
+    crops = MultiCropConfig()
+    loader = multicrop_loader(slice_stream(out_dir / "corpus", seed=seed), batch_size=32, config=crops,
                               num_workers=workers, seed=seed)
     samples = 0
     for batch_index, batch in enumerate(loader):
@@ -59,33 +50,59 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
             save_crop_preview(batch, out_dir / "crops.png")
         samples += batch["batch_size"]
     timings["loader epoch"] = time.perf_counter() - started
+    return {"manifest": manifest, "loader_samples": samples, "crops": crops}
 
-    started = _step(4, total, f"pretraining the tiny backbone for at most {pretrain_minutes:g} min (DINO + iBOT + KoLeo)")
+
+def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2,
+                   pretrain_minutes: float = 3.0) -> Path:
+    """Run every stage into `out_dir`; return the report's path."""
+    from braindino.example_data import write_mni152_t1
+    from braindino.train.data.synthetic import CONTRASTS
+    from braindino.train.heads.feature_cache import extract_features, load_backbone
+    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.recipe import PretrainConfig
+
+    out_dir = Path(out_dir)
+    timings = {}
+    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 1.5:.1f} minutes on a 2-core CPU)",
+          flush=True)
+    facts = _data_stages(out_dir, subjects, held_out, seed, workers, timings)
+
+    started = _step(4, TOTAL_STEPS, f"pretraining the tiny backbone for at most {pretrain_minutes:g} min (DINO + iBOT + KoLeo)")
     recipe = PretrainConfig.load("tiny", corpus=str(out_dir / "corpus"), output_dir=str(out_dir / "pretrain"),
                                  time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
-    trained = pretrain(recipe, resume=False)
-    losses = [json.loads(line)["loss"] for line in (out_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    facts["trained"] = trained = pretrain(recipe, resume=False)
+    facts["losses"] = [json.loads(line)["loss"] for line in (out_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     timings["pretraining"] = time.perf_counter() - started
 
-    started = _step(5, total, "frozen features of held-out scans and the MNI152 template, pretrained backbone")
+    started = _step(5, TOTAL_STEPS, "frozen features of held-out scans and the MNI152 template, pretrained backbone")
     held_out_scans = sorted((out_dir / "synthetic-heldout").glob(f"*/*_{CONTRASTS[0]}.nii.gz"))
-    scans = held_out_scans + [write_mni152_t1(out_dir / "inputs")]
-    backbone = load_backbone(trained["backbone"], num_slices=128)
-    features = extract_features(scans, backbone, out_dir / "features")
+    facts["backbone"] = backbone = load_backbone(trained["backbone"], num_slices=128)
+    facts["features"] = extract_features(held_out_scans + [write_mni152_t1(out_dir / "inputs")], backbone, out_dir / "features")
     timings["feature extraction"] = time.perf_counter() - started
 
-    started = _step(6, total, "task heads on the frozen backbone: brain age (T1) and tumour segmentation (FLAIR)")
-    heads = train_quickstart_heads(out_dir, trained["backbone"], seed)
+    started = _step(6, TOTAL_STEPS, "task heads on the frozen backbone: brain age (T1) and tumour segmentation (FLAIR)")
+    facts["heads"] = heads = train_quickstart_heads(out_dir, trained["backbone"], seed)
     timings["task heads"] = time.perf_counter() - started
 
-    started = _step(7, total, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
-    predictions = run_quickstart_pipelines(out_dir, heads, trained["backbone"], held_out_scans[0].parent)
-    pictures = report_pictures(out_dir, trained["backbone"], heads, held_out_scans[0].parent)
-    example = next(held_out_scans[0].parent.glob("*_flair.nii.gz"))
-    space_config = write_space_config(out_dir, heads, trained["backbone"], example)
+    started = _step(7, TOTAL_STEPS, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
+    subject_dir = held_out_scans[0].parent
+    facts["predictions"] = run_quickstart_pipelines(out_dir, heads, trained["backbone"], subject_dir)
+    facts["pictures"] = report_pictures(out_dir, trained["backbone"], heads, subject_dir)
+    facts["space_config"] = write_space_config(out_dir, heads, trained["backbone"], next(subject_dir.glob("*_flair.nii.gz")))
     timings["pipelines"] = time.perf_counter() - started
+    report = write_report(out_dir, subjects, facts, timings)
+    print(f"done: {report}")
+    print(f"open the Space on these models: BRAINDINO_SPACE_CONFIG={facts['space_config']} python spaces/app.py "
+          "(then http://127.0.0.1:7860)")
+    return report
 
-    report = out_dir / "report.md"
+
+def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Path:
+    """`report.md` (counts, losses, scores, timings, pictures) and `timings.json`."""
+    from braindino.train.data.synthetic import CONTRASTS
+
+    manifest, crops, losses, trained = facts["manifest"], facts["crops"], facts["losses"], facts["trained"]
     lines = [
         "# BrainDINO quickstart report",
         "",
@@ -93,15 +110,15 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         "",
         f"- synthetic corpus: {subjects} subjects x {len(CONTRASTS)} contrasts, labels in `synthetic/labels.csv`",
         f"- slice corpus: {manifest['volumes']} volumes → {manifest['slices']} slices in `corpus/`",
-        f"- one loader epoch: {samples} multi-crop samples (2 x {config.global_crop_size} px + "
-        f"{config.local_crops_number} x {config.local_crop_size} px); first sample: `crops.png`",
+        f"- one loader epoch: {facts['loader_samples']} multi-crop samples (2 x {crops.global_crop_size} px + "
+        f"{crops.local_crops_number} x {crops.local_crop_size} px); first sample: `crops.png`",
         f"- pretraining: {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
         f"{losses[0]:.3f} → {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}); "
         f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
-        f"- features ({backbone.description}): "
-        + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in features["volumes"]),
-        *head_report_lines(heads),
-        *[f"- `{task}` on `{name}`: {summary}" for task, (name, summary) in predictions.items()],
+        f"- features ({facts['backbone'].description}): "
+        + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in facts["features"]["volumes"]),
+        *head_report_lines(facts["heads"]),
+        *[f"- `{task}` on `{name}`: {summary}" for task, (name, summary) in facts["predictions"].items()],
         "",
         "| stage | seconds |",
         "| --- | --- |",
@@ -109,16 +126,14 @@ def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, se
         "",
         "![multi-crop views](crops.png)",
         "",
-        *[f"![{name}]({path.name})" for name, path in pictures.items()],
+        *[f"![{name}]({path.name})" for name, path in facts["pictures"].items()],
         "",
-        f"Open the Space on these models: `BRAINDINO_SPACE_CONFIG={space_config} python spaces/app.py` (from the "
+        f"Open the Space on these models: `BRAINDINO_SPACE_CONFIG={facts['space_config']} python spaces/app.py` (from the "
         "repository root), then http://127.0.0.1:7860.",
     ]
+    report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    print(f"done: {report}")
-    print(f"open the Space on these models: BRAINDINO_SPACE_CONFIG={space_config} python spaces/app.py "
-          "(then http://127.0.0.1:7860)")
     return report
 
 
@@ -126,7 +141,8 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str,
     """A brain-age head (all labels and 50 %) and, where at least 3 subjects have a tumour, a segmentation head."""
     import csv
 
-    from braindino.train.heads.runs import HeadTrainingConfig, train_heads
+    from braindino.train.evaluation.head_runs import train_heads
+    from braindino.train.heads.config import HeadTrainingConfig
 
     labels = out_dir / "synthetic" / "labels.csv"
     common = dict(labels=str(labels), backbone=backbone, seeds=[seed], num_slices=32)

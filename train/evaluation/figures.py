@@ -6,16 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from braindino import BrainDinoImageProcessor, BrainDinoModel  # noqa: E402
-
-from braindino.feature_maps import patch_pca_rgb  # noqa: E402
+from braindino import BrainDinoImageProcessor, BrainDinoModel
+from braindino.feature_maps import patch_pca_rgb
 
 # BraTS labels 1, 2, 3 → RGBA
 MASK_COLOURS = np.array([[0, 0, 0, 0], [0.12, 0.47, 0.71, 0.6], [0.17, 0.63, 0.17, 0.5], [0.84, 0.15, 0.16, 0.7]])
@@ -37,7 +33,8 @@ def segmentation_figure(scan: str, predicted_mask: str, reference_mask: str | No
     brain = np.ma.masked_where(grey == 0, grey)  # background black, z-scores in [-2.5, 2.5] grey
     pca = patch_pca_rgb(backbone, pixel_values)[index].numpy()
 
-    figure, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
+    figure = Figure(figsize=(10.5, 3.8))
+    axes = figure.subplots(1, 3)
     for axis in axes[:2]:
         axis.set_facecolor("black")
         axis.imshow(brain, cmap="gray", vmin=-2.5, vmax=2.5)
@@ -54,14 +51,14 @@ def segmentation_figure(scan: str, predicted_mask: str, reference_mask: str | No
     figure.suptitle("SYNTHETIC data", fontsize=9)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
-    plt.close(figure)
     return out
 
 
 def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
     """Total, DINO and iBOT loss per iteration from a pretraining run's `metrics.jsonl`."""
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines()]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     for name in ("loss", "dino", "ibot"):
         if name in records[0]:
             axis.plot([record["iteration"] for record in records], [record[name] for record in records], label=name)
@@ -71,5 +68,4 @@ def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
     axis.set_title("pretraining (SYNTHETIC corpus)")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
-    plt.close(figure)
     return out

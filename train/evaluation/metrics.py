@@ -22,6 +22,11 @@ BRATS_REGIONS: dict[str, tuple[int, ...]] = {
 EMPTY_REFERENCE_HD95 = 373.13
 
 
+# The metric each task reports first (and the README tables show).
+PRIMARY_METRIC = {"classification": "balanced_accuracy", "regression": "mae", "survival": "c_index",
+                  "segmentation": "dice_whole_tumor"}
+
+
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     from scipy.stats import pearsonr
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score

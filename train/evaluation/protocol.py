@@ -17,18 +17,18 @@ split is used once. Outputs: one JSON per task × backbone × fraction × seed, 
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from braindino.train.heads.runs import PRIMARY_METRIC, HeadTrainingConfig, evaluation_splits, json_safe, read_samples, train_heads
-from braindino.train.evaluation.metrics import regression_metrics, survival_metrics
-
-LOWER_IS_BETTER = {"mae", "rmse", "hd95_whole_tumor"}
-
+from braindino.train.evaluation.head_runs import json_safe, train_heads
+from braindino.train.evaluation.metrics import PRIMARY_METRIC, regression_metrics, survival_metrics
+from braindino.train.heads.config import HeadTrainingConfig
+from braindino.train.evaluation.reports import new_figure, plot_knn, plot_label_efficiency, write_tables
+from braindino.train.evaluation.statistics import bootstrap_interval, exact_mcnemar, knn_probe
+from braindino.train.heads.samples import evaluation_splits, read_samples
 
 @dataclass
 class EvaluationConfig:
@@ -77,32 +77,6 @@ def _head_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTraining
 # --------------------------------------------------------------------------- statistics
 
 
-def bootstrap_interval(metric, *arrays: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95 % interval of `metric(*arrays)` over subjects resampled with replacement (resamples where the
-    metric is undefined are dropped)."""
-    rng = np.random.default_rng(seed)
-    size = len(arrays[0])
-    values = []
-    for _ in range(resamples):
-        chosen = rng.integers(0, size, size)
-        value = metric(*(array[chosen] for array in arrays))
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
-def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
-    """Exact McNemar test: a two-sided binomial test of the discordant pairs (A right & B wrong vs the reverse)."""
-    from scipy.stats import binomtest
-
-    only_a = int(np.sum(correct_a & ~correct_b))
-    only_b = int(np.sum(~correct_a & correct_b))
-    p_value = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    return {"only_first_correct": only_a, "only_second_correct": only_b, "p_value": p_value}
-
-
 def _primary_metric_function(task: str, metric: str):
     if task == "classification":  # the primary metric, balanced accuracy, from the predicted labels
         from sklearn.metrics import balanced_accuracy_score
@@ -126,21 +100,6 @@ def _run_arrays(run: dict, samples_by_name: dict, task: str, classes: list[str])
     return times_events[:, 0], times_events[:, 1], np.array([run["test_predictions"][name] for name in names], float)
 
 
-def knn_probe(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-              ks: list[int]) -> dict[int, np.ndarray]:
-    """Cosine k-NN on L2-normalised embeddings: for each k (at most the training size), which test cases are right."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    correct = {}
-    for k in ks:
-        if k > len(train):
-            continue
-        neighbours = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(normalised[train], labels[train])
-        correct[k] = neighbours.predict(normalised[test]) == labels[test]
-    return correct
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -154,10 +113,11 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     metric = PRIMARY_METRIC[config.task]
     metric_function = _primary_metric_function(config.task, metric)
 
-    backbones, rows = {}, []
+    backbones, rows, unreadable = {}, [], set()
     for name, head_config in head_configs.items():
         print(f"backbone {name}:", flush=True)
         results = train_heads(head_config)
+        unreadable.update(results["unreadable"])
         backbones[name] = {"description": results["backbone"], "summary": results["summary"]}
         for run in results["runs"]:
             if config.task != "segmentation":
@@ -176,6 +136,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
                 "ci_low_mean": float(np.nanmean([low for low, _ in intervals])) if intervals else None,
                 "ci_high_mean": float(np.nanmean([high for _, high in intervals])) if intervals else None})
 
+    samples = [sample for sample in samples if not unreadable.intersection(sample.inputs)]  # the heads' subjects
     extras = {}
     if config.task == "classification":
         extras["knn"] = _knn_section(config, head_configs, samples, classes, out)
@@ -189,8 +150,8 @@ def run_evaluation(config: EvaluationConfig) -> dict:
                     "once, for the reported metrics",
     }
     (out / "evaluation.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
-    _write_tables(summary, out)
-    _plot_label_efficiency(summary, out)
+    write_tables(summary, out)
+    plot_label_efficiency(summary, out)
     return summary
 
 
@@ -214,16 +175,12 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
                "accuracy": {name: {str(k): float(hits.mean()) for k, hits in correct[name].items()} for name in names},
                "mcnemar_vs_first": {name: {str(k): exact_mcnemar(correct[names[0]][k], correct[name][k])
                                            for k in correct[name]} for name in names[1:]}}
-    _plot_knn(section, out)
+    plot_knn(section, out)
     return section
 
 
 def _kaplan_meier_section(config, head_configs, samples_by_name, out: Path) -> dict:
     """Test subjects split at the median training risk of the largest-fraction, first-seed run; log-rank p."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
@@ -242,89 +199,13 @@ def _kaplan_meier_section(config, head_configs, samples_by_name, out: Path) -> d
             continue
         section[name] = {"log_rank_p": float(logrank_test(times[high], times[~high], events[high], events[~high]).p_value),
                          "high_risk": int(high.sum()), "low_risk": int((~high).sum())}
-        figure, axis = plt.subplots(figsize=(5, 3.5))
+        figure, axis = new_figure(figsize=(5, 3.5))
         for group, label in ((high, "risk above the training median"), (~high, "below")):
             KaplanMeierFitter().fit(times[group], events[group], label=label).plot_survival_function(ax=axis)
         axis.set_title(f"{name}: log-rank p = {section[name]['log_rank_p']:.3g}")
         axis.set_xlabel("days")
         figure.tight_layout()
         figure.savefig(out / f"kaplan_meier-{name}.png", dpi=110)
-        plt.close(figure)
     return section
 
 
-def _write_tables(summary: dict, out: Path) -> None:
-    metric = summary["primary_metric"]
-    rows = summary["rows"]
-    with open(out / "table.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=sorted({key for row in rows for key in row}))
-        writer.writeheader()
-        writer.writerows(rows)
-    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
-    lines = [f"# {summary['task']}: {summary['target']} from {', '.join(summary['inputs'])}"
-             + (" (SYNTHETIC data)" if summary["synthetic_data"] else ""), "",
-             f"Primary metric: {metric} ({direction} is better); mean ± std over seeds, and the mean of the per-run "
-             "bootstrap 95 % intervals over test subjects.", "", f"Protocol: {summary['protocol']}.", "",
-             f"| backbone | labels | {metric} | 95 % CI | runs |", "| --- | --- | --- | --- | --- |"]
-    for row in rows:
-        mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
-        score = f"{mean:.3f} ± {std:.3f}" if mean is not None and np.isfinite(mean) else "undefined"
-        defined = row["ci_low_mean"] is not None and np.isfinite(row["ci_low_mean"])
-        interval = f"[{row['ci_low_mean']:.3f}, {row['ci_high_mean']:.3f}]" if defined else "—"
-        lines.append(f"| {row['backbone']} | {row['label_fraction']:.0%} | {score} | {interval} | {row['runs']} |")
-    if "knn" in summary:
-        knn = summary["knn"]
-        ks = sorted({int(k) for accuracy in knn["accuracy"].values() for k in accuracy})
-        lines += ["", f"k-NN probe (cosine, L2-normalised subject embeddings; seed {knn['seed']} split, "
-                  f"{knn['test_cases']} test cases): accuracy", "",
-                  "| backbone | " + " | ".join(f"k={k}" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]
-        for name, accuracy in knn["accuracy"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{accuracy.get(str(k), float('nan')):.3f}" for k in ks) + " |")
-        for name, tests in knn["mcnemar_vs_first"].items():
-            lines.append("")
-            lines.append(f"exact McNemar, {name} vs {next(iter(knn['accuracy']))}: "
-                         + ", ".join(f"k={k} p={test['p_value']:.3g}" for k, test in tests.items()))
-    if "kaplan_meier" in summary:
-        lines += ["", "Kaplan–Meier split at the median training risk (largest fraction, first seed):"]
-        lines += [f"- {name}: log-rank p = {values['log_rank_p']:.3g}" if values["log_rank_p"] is not None
-                  else f"- {name}: {values['note']}" for name, values in summary["kaplan_meier"].items()]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-
-
-def _plot_label_efficiency(summary: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = summary["primary_metric"]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for name in summary["backbones"]:
-        rows = [row for row in summary["rows"] if row["backbone"] == name and row.get(f"{metric}_mean") is not None]
-        axis.errorbar([row["label_fraction"] for row in rows], [row[f"{metric}_mean"] for row in rows],
-                      yerr=[row[f"{metric}_std"] for row in rows], marker="o", capsize=3, label=name)
-    axis.set_xscale("log")
-    axis.set_xlabel("fraction of training labels")
-    axis.set_ylabel(metric)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "label_efficiency.png", dpi=110)
-    plt.close(figure)
-
-
-def _plot_knn(section: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for name, accuracy in section["accuracy"].items():
-        axis.plot([int(k) for k in accuracy], list(accuracy.values()), marker="o", label=name)
-    axis.set_xscale("log")
-    axis.set_xlabel("k")
-    axis.set_ylabel("k-NN accuracy")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "knn_accuracy.png", dpi=110)
-    plt.close(figure)

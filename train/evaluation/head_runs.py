@@ -1,0 +1,166 @@
+"""`braindino train-head`: every (fold, label fraction, seed) of a head on the frozen backbone, scored on its test
+split, with each run's JSON, `results.json`, and the exported head folder with its model card.
+
+Splits: a test split (or k folds, each the test once) is fixed per seed before anything else; a label fraction
+subsamples the remaining training pool; a validation split carved from that subsample drives model selection.
+Model selection never sees the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from braindino.train.evaluation.metrics import (
+    PRIMARY_METRIC,
+    brats_metrics,
+    classification_metrics,
+    regression_metrics,
+    survival_metrics,
+)
+from braindino.train.heads.config import HeadTrainingConfig
+from braindino.train.heads.feature_cache import Backbone, FeatureCache, load_backbone
+from braindino.train.heads.samples import Sample, evaluation_splits, read_samples, subsample
+from braindino.train.heads.segmentation import fit_segmentation_head
+from braindino.train.heads.volume import fit_volume_head
+
+
+def json_safe(value):
+    """NaN (an undefined metric, e.g. Pearson r of one test subject) → None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean, standard deviation and count of every metric per label fraction (over folds and seeds)."""
+    summary = {}
+    for fraction in sorted({run["label_fraction"] for run in runs}):
+        selected = [run["metrics"] for run in runs if run["label_fraction"] == fraction]
+        summary[str(fraction)] = {}
+        for name in selected[0]:
+            values = np.array([metrics[name] for metrics in selected], float)
+            finite = values[np.isfinite(values)]
+            summary[str(fraction)][name] = {"mean": float(finite.mean()) if len(finite) else float("nan"),
+                                            "std": float(finite.std()) if len(finite) else float("nan"), "n": len(finite)}
+    return summary
+
+
+def _readable_samples(samples: list[Sample], cache: FeatureCache, slice_batch_size: int) -> tuple[list[Sample], list[str]]:
+    """Encode every volume into the cache; drop the samples with an unreadable volume (reported, never fatal)."""
+    index = cache.extract(sorted({path for sample in samples for path in sample.inputs}), slice_batch_size)
+    unreadable = sorted({failure["source"] for failure in index["failed"]})
+    if unreadable:
+        print(f"skipping {len(unreadable)} unreadable volumes: " + "; ".join(f["error"] for f in index["failed"]))
+    return [sample for sample in samples if not set(unreadable).intersection(sample.inputs)], unreadable
+
+
+def score_volume_run(fit: dict, model, samples: list[Sample], test: np.ndarray, task: str) -> dict:
+    """The test split's metrics and predictions from the fit's test logits."""
+    logits, targets = fit.pop("test_logits"), fit.pop("test_targets")
+    if task == "classification":
+        metrics = classification_metrics(targets.numpy(), logits.softmax(dim=1).numpy())
+        predictions = [model.config.id2label[int(index)] for index in logits.argmax(dim=1)]
+    elif task == "regression":
+        metrics = regression_metrics(targets.numpy(), logits[:, 0].numpy())
+        predictions = [round(float(value), 4) for value in logits[:, 0]]
+    else:
+        metrics = survival_metrics(targets[:, 0].numpy(), targets[:, 1].numpy(), logits[:, 0].numpy())
+        predictions = [round(float(value), 4) for value in logits[:, 0]]
+    fit["test_predictions"] = {samples[index].name: prediction for index, prediction in zip(test, predictions)}
+    return {**fit, "metrics": metrics}
+
+
+def score_segmentation_run(fit: dict, samples: list[Sample], test: np.ndarray) -> dict:
+    """BraTS region metrics of each test subject's mask against its reference, on the input grid, averaged."""
+    per_subject = []
+    for index, mask in zip(test, fit.pop("test_masks")):
+        reference = nib.load(samples[index].target)
+        per_subject.append(brats_metrics(np.asanyarray(mask.dataobj), np.asanyarray(reference.dataobj),
+                                         tuple(float(size) for size in reference.header.get_zooms()[:3])))
+    metrics = {name: float(np.mean([subject[name] for subject in per_subject])) for name in per_subject[0]}
+    return {**fit, "metrics": metrics}
+
+
+def train_heads(config: HeadTrainingConfig) -> dict:
+    """Run every (fold, label fraction, seed) of `config`; write each run's JSON and `results.json`;
+    export the head of the largest fraction, first fold and seed as a `save_pretrained` folder with its card."""
+    out = Path(config.output_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    samples, synthetic = read_samples(config)
+    subject_task = config.task != "segmentation"
+    backbone = load_backbone(config.backbone, None if config.backbone else config.preset,
+                             num_slices=config.num_slices if subject_task else None, size=config.size,
+                             seed=config.backbone_seed)
+    cache, unreadable = None, []
+    if subject_task:
+        cache = FeatureCache(config.cache_dir or out / "feature-cache", backbone)
+        samples, unreadable = _readable_samples(samples, cache, config.slice_batch_size)
+    runs, exported = [], None
+    largest = max(config.label_fractions)
+    for seed in config.seeds:
+        for fold, (pool, test) in enumerate(evaluation_splits(samples, config, seed)):
+            for fraction in config.label_fractions:
+                train, validation = subsample(pool, samples, config, fraction, seed)
+                if subject_task:
+                    fit, model = fit_volume_head(backbone, cache, samples, config, train, validation, test, seed)
+                    result = score_volume_run(fit, model, samples, test, config.task)
+                else:
+                    fit, model = fit_segmentation_head(backbone, samples, config, train, validation, test, seed)
+                    result = score_segmentation_run(fit, samples, test)
+                run = {"label_fraction": fraction, "fold": fold, "seed": seed, "train": len(train),
+                       "validation": len(validation), "test": len(test), **result}
+                if not len(validation):
+                    run["note"] = "too few labels for a validation split: trained for max_epochs without early stopping"
+                name = f"fraction{fraction:g}-fold{fold}-seed{seed}"
+                (out / "runs" / f"{name}.json").write_text(json.dumps(json_safe(run), indent=2, allow_nan=False))
+                runs.append(run)
+                primary = PRIMARY_METRIC[config.task]
+                print(f"  {name}: train {len(train)} / validation {len(validation)} / test {len(test)}, "
+                      f"{primary} {run['metrics'][primary]:.3f}, {run['train_seconds']:.1f} s")
+                if exported is None and fraction == largest and config.export:
+                    exported = {"run": name, "folder": str(out / "model")}
+                    _save_head(model, backbone, config, out / "model")
+    results = {
+        "task": config.task,
+        "target": config.target,
+        "inputs": list(config.inputs),
+        "backbone": backbone.description,
+        "random_init": backbone.random_init,
+        "labels": str(config.labels),
+        "synthetic_data": synthetic,
+        "samples": len(samples),
+        "unreadable": unreadable,
+        "primary_metric": PRIMARY_METRIC[config.task],
+        "protocol": "test split fixed per seed before subsampling; validation carved from the training subsample "
+                    "drives early stopping; the test split is used once, for the reported metrics",
+        "config": asdict(config),
+        "summary": summarise(runs),
+        "runs": runs,
+        "exported_model": exported,
+    }
+    results = json_safe(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    if exported:
+        from braindino.train.release.cards import write_head_card
+
+        write_head_card(results, out / "model")
+    return results
+
+
+def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Path) -> None:
+    processor = copy.deepcopy(backbone.processor)
+    processor.num_slices = config.num_slices if config.task != "segmentation" else None  # masks map back exactly
+    from braindino.pipelines import export_head
+
+    export_head(model, processor, config.task, folder)

@@ -1,0 +1,53 @@
+"""What one `braindino train-head` call does: the task, the labels, the backbone, splits and fitting settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("classification", "regression", "survival", "segmentation")
+# BraTS 2023 label names, index = label value (the synthetic corpus uses the same).
+SEGMENTATION_LABELS = ["background", "necrotic_core", "edema", "enhancing_tumor"]
+
+
+@dataclass
+class HeadTrainingConfig:
+    """Everything one `train-head` call does; saved beside its results."""
+
+    task: str
+    labels: str
+    inputs: list[str]
+    target: str
+    event: str | None = None
+    backbone: str | None = None
+    preset: str = "tiny"
+    backbone_seed: int = 0  # the random initialisation of a `preset` backbone
+    output_dir: str = "outputs/head"
+    cache_dir: str | None = None
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    folds: int = 1
+    seeds: list[int] = field(default_factory=lambda: [0])
+    test_fraction: float = 0.25
+    validation_fraction: float = 0.2
+    num_slices: int = 128
+    size: int | None = None
+    target_transform: str | None = None  # "log1p" for day counts (regression)
+    pooling: str = "mean"
+    learning_rate: float | None = None
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    max_epochs: int | None = None
+    patience: int | None = None
+    slice_batch_size: int = 32
+    export: bool = True
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "survival" and not self.event:
+            raise ValueError("survival needs --event, the column that is 1 where the event was observed")
+        if not all(0 < fraction <= 1 for fraction in self.label_fractions):
+            raise ValueError(f"label fractions must be in (0, 1], got {self.label_fractions}")
+        segmentation = self.task == "segmentation"
+        self.max_epochs = self.max_epochs or (20 if segmentation else 300)
+        self.patience = self.patience or (4 if segmentation else 30)
+        self.learning_rate = self.learning_rate or (3e-3 if segmentation else 1e-3)
