@@ -79,25 +79,41 @@ def main() -> None:
                                         num_slices=args.num_slices, size=size, export=False,
                                         cache_dir=str(out / "feature-cache" / label.replace(" ", "-")))
             print(f"{name}, {label} backbone:", flush=True)
-            table[(name, label)] = (train_heads(config)["summary"], metric, higher, len(seeds))
+            table[(name, label)] = (train_heads(config), metric, higher)
 
     print(f"\nSYNTHETIC corpus, {args.subjects} subjects; frozen tiny backbones; {time.perf_counter() - started:.0f} s in all")
     print(f"pretrained: {backbone}\n")
-    print("| task | metric | labels | pretrained | random init | better |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| task | metric | labels (training subjects) | pretrained | random init | trivial baseline | better |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.tasks:
         for fraction in FRACTIONS:
-            cells = []
-            for label in ("pretrained", "random init"):
-                summary, metric, higher, runs = table[(name, label)]
-                values = summary[str(fraction)][metric]
-                cells.append(values["mean"] if values["n"] else float("nan"))
-                cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined")
-            pretrained_mean, pretrained_text, random_mean, random_text = cells
-            better = "pretrained" if (pretrained_mean > random_mean) == higher else "random init"
-            print(f"| {name} | {metric} | {fraction:.0%} | {pretrained_text} | {random_text} | {better} |")
-    (out / "table.json").write_text(json.dumps({f"{name} | {label}": summary for (name, label), (summary, *_rest) in table.items()},
-                                               indent=2))
+            print(_row(name, fraction, table))
+    (out / "table.json").write_text(json.dumps({f"{name} | {label}": results["summary"]
+                                                for (name, label), (results, *_rest) in table.items()}, indent=2))
+
+
+BASELINE = {"mae": ("mae_mean_predictor", "training mean"),
+            "balanced_accuracy": ("balanced_accuracy_majority_class", "majority class")}
+
+
+def _row(name: str, fraction: float, table: dict) -> str:
+    """One Markdown row: mean ± std over seeds per backbone, the trivial baseline (over the pretrained runs' test
+    splits, the same subjects), and which backbone is better; a fraction too small for the task says so."""
+    cells, means = [], {}
+    results, metric, higher = table[(name, "pretrained")]
+    key = str(fraction)
+    if key in results["too_few_labels"]:
+        return f"| {name} | {metric} | {fraction:.0%} | too few labels: not run | | | |"
+    subjects = "/".join(map(str, results["training_subjects"][key]))
+    for label in ("pretrained", "random init"):
+        values = table[(name, label)][0]["summary"][key][metric]
+        means[label] = values["mean"] if values["n"] else float("nan")
+        cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined")
+    baseline_metric, baseline_name = BASELINE.get(metric, (None, "empty mask: 0"))
+    baseline = results["summary"][key].get(baseline_metric)
+    cells.append(f"{baseline['mean']:.3f} ({baseline_name})" if baseline else baseline_name)
+    better = "pretrained" if (means["pretrained"] > means["random init"]) == higher else "random init"
+    return f"| {name} | {metric} | {fraction:.0%} ({subjects}) | " + " | ".join(cells) + f" | {better} |"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ class BrainDinoConfig(PretrainedConfig):
             decoder reads; defaults to four evenly spaced blocks ending with the last (2, 5, 8, 11 for 12).
         target_mean (`list[float]`, *optional*), target_std (`list[float]`, *optional*): regression heads
             predict standardised targets and report `logits * target_std + target_mean` (e.g. years).
+        feature_mean (`list[float]`, *optional*), feature_std (`list[float]`, *optional*): per-dimension statistics of
+            the training embeddings that volume heads standardise with before their trunk, fitted on the training
+            split only: of the volume embeddings with mean pooling, of the slice embeddings with attention pooling.
+            Frozen embeddings of different volumes can differ in the fourth decimal; standardised, they do not
+            leave the head's LayerNorm near-constant input.
         target_transform (`str`, *optional*): `"log1p"` for day counts (the paper's post-stroke task): the loss acts
             on `log1p(target)` (standardised with statistics of the transformed targets) and outputs are `expm1`-ed.
 
@@ -108,6 +113,8 @@ class BrainDinoConfig(PretrainedConfig):
         target_mean: list[float] | None = None,
         target_std: list[float] | None = None,
         target_transform: str | None = None,
+        feature_mean: list[float] | None = None,
+        feature_std: list[float] | None = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -156,6 +163,10 @@ class BrainDinoConfig(PretrainedConfig):
         if target_transform not in (None, "log1p"):
             raise ValueError(f"target_transform must be None or 'log1p', got {target_transform!r}")
         self.target_transform = target_transform
+        if (feature_mean is None) != (feature_std is None):
+            raise ValueError("give both feature_mean and feature_std, or neither")
+        self.feature_mean = list(feature_mean) if feature_mean is not None else None
+        self.feature_std = list(feature_std) if feature_std is not None else None
         super().__init__(**kwargs)
 
     @classmethod

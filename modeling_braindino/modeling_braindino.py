@@ -532,7 +532,8 @@ class BrainDinoVolumeOutput(ModelOutput):
     Args:
         loss (`()`, *optional*): the task loss, when `labels` are given.
         logits (`(B, K)`): class scores, regression outputs, or (survival) log-risk scores.
-        volume_embeddings (`(B, D)`): the pooled subject embedding the head reads.
+        volume_embeddings (`(B, D)`): the pooled subject embedding the head reads (standardised where the config holds
+            feature statistics).
         slice_weights (`(B, S)`, *optional*): attention-pooling weights over slices.
     """
 
@@ -577,7 +578,7 @@ class BrainDinoSlicePooling(nn.Module):
 class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
     """
     Frozen backbone (by default, `config.freeze_backbone`) → per-slice CLS tokens → volume embedding (mean, or
-    attention pooling) → the paper's head `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`. Several contrasts
+    attention pooling), standardised with the training split's `config.feature_mean` / `feature_std` → the paper's head `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`. Several contrasts
     `(B, M, S, C, H, W)` each go through the shared encoder and their volume embeddings are averaged (the
     paper). Cached slice embeddings `(B, S, D)` (or `(B, M, S, D)`) can replace `pixel_values`, so heads train
     on a feature cache in seconds.
@@ -627,6 +628,8 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             raise ValueError("give exactly one of pixel_values and slice_embeddings")
         if slice_embeddings is None:
             slice_embeddings = self.slice_embeddings(pixel_values)
+        if self.config.pooling == "attention":
+            slice_embeddings = self.standardise(slice_embeddings)
         if slice_embeddings.ndim == 4:  # several contrasts: pool each, then average (the paper)
             batch, contrasts = slice_embeddings.shape[:2]
             pooled, weights = self.pooling(slice_embeddings.flatten(0, 1))
@@ -634,6 +637,8 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             weights = weights.view(batch, contrasts, -1) if weights is not None else None
         else:
             volume_embeddings, weights = self.pooling(slice_embeddings)
+        if self.config.pooling == "mean":
+            volume_embeddings = self.standardise(volume_embeddings)
         logits = self.head(volume_embeddings)
         loss = self.task_loss(logits, labels) if labels is not None else None
         if self.config.problem_type == "regression":
@@ -644,6 +649,14 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
         output = BrainDinoVolumeOutput(loss=loss, logits=logits, volume_embeddings=volume_embeddings, slice_weights=weights)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def standardise(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """`(embeddings - feature_mean) / feature_std` per dimension (the training split's statistics), when the
+        config holds them."""
+        if self.config.feature_mean is None:
+            return embeddings
+        mean = embeddings.new_tensor(self.config.feature_mean)
+        return (embeddings - mean) / embeddings.new_tensor(self.config.feature_std)
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Computed explicitly per `config.problem_type` (transformers' generic loss would guess wrong)."""

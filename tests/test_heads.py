@@ -32,9 +32,11 @@ def test_splits_are_disjoint_stratified_seeded_and_keep_every_class():
     assert sorted({samples[i].target for i in test}) == ["a", "b", "c"]
     assert np.array_equal(evaluation_splits(samples, config, seed=0)[0][1], test)  # seeded
     assert not np.array_equal(evaluation_splits(samples, config, seed=1)[0][1], test)
-    train, validation = subsample(pool, samples, config, 0.1, seed=0)
+    assert subsample(pool, samples, config, 0.1, seed=0) is None  # 10 % of 22 is 2 < 3 classes: reported, not lifted
+    train, validation = subsample(pool, samples, config, 0.25, seed=0)  # 6 subjects: one of each class, then the rest
     assert set(train).isdisjoint(validation) and set(train) | set(validation) <= set(pool)
-    assert {samples[i].target for i in train} == {"a", "b", "c"}  # 10 % of 22 is 2: still one of each class
+    assert len(train) + len(validation) == 6 and len(validation) == 1
+    assert {samples[i].target for i in train} == {"a", "b", "c"}  # validation never takes a class's only subject
     folds = evaluation_splits(samples, HeadTrainingConfig(task="classification", labels="x.csv", inputs=["image"],
                                                     target="contrast", folds=3), seed=0)
     assert sorted(np.concatenate([test for _, test in folds])) == list(range(30))  # each sample tested once
@@ -140,3 +142,15 @@ def test_survival_and_segmentation_heads_train_and_score(tmp_path, synthetic_cor
     assert all(0 <= run["metrics"][name] <= 1 for name in run["metrics"] if name.startswith("dice"))
     model = AutoModelForSemanticSegmentation.from_pretrained(segmentation / "model")
     assert model.config.id2label[3] == "enhancing_tumor" and model.config.contrasts == ["flair"]
+
+
+def test_label_fractions_subsample_subjects_so_their_rows_stay_together():
+    """sequences.csv has a row per sequence: a subject's 4 rows go to train or validation together."""
+    samples = [Sample(subject=f"s{i // 4}", inputs=[], target="abcd"[i % 4]) for i in range(40)]
+    config = HeadTrainingConfig(task="classification", labels="x.csv", inputs=["image"], target="contrast")
+    pool = np.arange(32)  # subjects s0..s7
+    train, validation = subsample(pool, samples, config, 1.0, seed=0)
+    train_subjects = {samples[i].subject for i in train}
+    validation_subjects = {samples[i].subject for i in validation}
+    assert train_subjects.isdisjoint(validation_subjects) and len(train_subjects | validation_subjects) == 8
+    assert len(train) == 4 * len(train_subjects) and len(validation) == 4 * len(validation_subjects) == 4

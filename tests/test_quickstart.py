@@ -11,19 +11,19 @@ from PIL import Image
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
     result = subprocess.run(
-        [sys.executable, "-m", "braindino.train.cli", "quickstart", "--out", str(out), "--subjects", "2", "--held-out", "1",
+        [sys.executable, "-m", "braindino.train.cli", "quickstart", "--out", str(out), "--subjects", "4", "--held-out", "1",
          "--pretrain-minutes", "0.25"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[7/7]" in result.stdout and "SYNTHETIC" in result.stdout
     report = (out / "report.md").read_text()
-    assert "SYNTHETIC" in report and "slice corpus: 8 volumes" in report
+    assert "SYNTHETIC" in report and "slice corpus: 16 volumes" in report
     assert Image.open(out / "crops.png").size == (448, 224 + 112)
     features = json.loads((out / "features" / "features.json").read_text())
     volumes = list(features["volumes"].values())
     assert len(volumes) == 2 and not features["failed"]  # one held-out scan + the MNI152 template
-    assert Path(volumes[0]["source"]).name == "synthetic-0002_t1.nii.gz"  # held out: numbered after training
+    assert Path(volumes[0]["source"]).name == "synthetic-0004_t1.nii.gz"  # held out: numbered after training
     assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
     assert "pretraining:" in report
@@ -31,7 +31,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
         "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction", "task heads", "pipelines"}
     age = json.loads((out / "heads" / "brain-age" / "results.json").read_text())
     assert age["synthetic_data"] is True and not age["random_init"] and (out / "heads" / "brain-age" / "model" / "README.md").exists()
-    prediction = json.loads((out / "predictions" / "brain-age" / "synthetic-0002_t1.json").read_text())
+    prediction = json.loads((out / "predictions" / "brain-age" / "synthetic-0004_t1.json").read_text())
     assert prediction["result"]["num_slices"] == 32 and 0 < prediction["result"]["age"] < 150
     assert "brain-age" in report and "predicted age" in report
     assert Image.open(out / "loss_curve.png").size[0] > 300 and "![pretraining loss](loss_curve.png)" in report

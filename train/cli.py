@@ -99,7 +99,7 @@ def _train_head(args: argparse.Namespace) -> int:
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
         label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
-        size=args.size, target_transform=args.target_transform, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience,
+        size=args.size, target_transform=args.target_transform, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
         batch_size=args.batch_size, export=not args.no_export,
     )
     print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
@@ -108,7 +108,10 @@ def _train_head(args: argparse.Namespace) -> int:
     for fraction, summary in results["summary"].items():
         values = summary[primary]
         score = f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined (too few test subjects)"
-        print(f"{float(fraction):.0%} of labels: {primary} {score} over {values['n']} runs")
+        subjects = "/".join(map(str, results["training_subjects"][fraction]))
+        print(f"{float(fraction):.0%} of labels ({subjects} training subjects): {primary} {score} over {values['n']} runs")
+    for fraction, message in results["too_few_labels"].items():
+        print(f"{float(fraction):.0%} of labels: {message}")
     if results["exported_model"]:
         print(f"exported {results['exported_model']['folder']} (with README.md model card)")
     print(f"wrote {Path(config.output_dir) / 'results.json'}")
@@ -260,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--pooling", choices=["mean", "attention"], default="mean")
     head.add_argument("--lr", type=float, default=None, help="default 1e-3 (3e-3 for segmentation)")
     head.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 300; 20 for segmentation)")
-    head.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 30; 4)")
+    head.add_argument("--patience", type=int, default=None,
+                      help="stop after this many epochs without a better validation score (default 50; 6 for segmentation)")
+    head.add_argument("--min-epochs", type=int, default=None, help="never stop before this epoch (default 30; 4)")
     head.add_argument("--batch-size", type=int, default=16)
     head.add_argument("--no-export", action="store_true", help="do not write the model folder")
     head.set_defaults(run=_train_head)

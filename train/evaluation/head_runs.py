@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from braindino.train.evaluation.metrics import (
     PRIMARY_METRIC,
@@ -23,10 +24,11 @@ from braindino.train.evaluation.metrics import (
     classification_metrics,
     regression_metrics,
     survival_metrics,
+    validation_criterion,
 )
 from braindino.train.heads.config import HeadTrainingConfig
 from braindino.train.heads.feature_cache import Backbone, FeatureCache, load_backbone
-from braindino.train.heads.samples import Sample, evaluation_splits, read_samples, subsample
+from braindino.train.heads.samples import Sample, evaluation_splits, minimum_training_subjects, read_samples, subsample
 from braindino.train.heads.segmentation import fit_segmentation_head
 from braindino.train.heads.volume import fit_volume_head
 
@@ -66,14 +68,18 @@ def _readable_samples(samples: list[Sample], cache: FeatureCache, slice_batch_si
 
 
 def score_volume_run(fit: dict, model, samples: list[Sample], test: np.ndarray, task: str) -> dict:
-    """The test split's metrics and predictions from the fit's test logits."""
+    """The test split's metrics and predictions from the fit's test logits, with the trivial baseline beside them:
+    the training mean's MAE (regression), the training majority class's balanced accuracy (classification)."""
     logits, targets = fit.pop("test_logits"), fit.pop("test_targets")
     if task == "classification":
         metrics = classification_metrics(targets.numpy(), logits.softmax(dim=1).numpy())
         predictions = [model.config.id2label[int(index)] for index in logits.argmax(dim=1)]
+        majority = torch.nn.functional.one_hot(torch.full_like(targets, fit.pop("majority_class")), logits.shape[1])
+        metrics["balanced_accuracy_majority_class"] = classification_metrics(targets.numpy(), majority.numpy())["balanced_accuracy"]
     elif task == "regression":
         metrics = regression_metrics(targets.numpy(), logits[:, 0].numpy())
         predictions = [round(float(value), 4) for value in logits[:, 0]]
+        metrics["mae_mean_predictor"] = float((targets - fit.pop("train_target_mean")).abs().mean())
     else:
         metrics = survival_metrics(targets[:, 0].numpy(), targets[:, 1].numpy(), logits[:, 0].numpy())
         predictions = [round(float(value), 4) for value in logits[:, 0]]
@@ -106,28 +112,24 @@ def train_heads(config: HeadTrainingConfig) -> dict:
     if subject_task:
         cache = FeatureCache(config.cache_dir or out / "feature-cache", backbone)
         samples, unreadable = _readable_samples(samples, cache, config.slice_batch_size)
-    runs, exported = [], None
+    runs, exported, too_few = [], None, {}
     largest = max(config.label_fractions)
     for seed in config.seeds:
         for fold, (pool, test) in enumerate(evaluation_splits(samples, config, seed)):
             for fraction in config.label_fractions:
-                train, validation = subsample(pool, samples, config, fraction, seed)
-                if subject_task:
-                    fit, model = fit_volume_head(backbone, cache, samples, config, train, validation, test, seed)
-                    result = score_volume_run(fit, model, samples, test, config.task)
-                else:
-                    fit, model = fit_segmentation_head(backbone, samples, config, train, validation, test, seed)
-                    result = score_segmentation_run(fit, samples, test)
-                run = {"label_fraction": fraction, "fold": fold, "seed": seed, "train": len(train),
-                       "validation": len(validation), "test": len(test), **result}
-                if not len(validation):
-                    run["note"] = "too few labels for a validation split: trained for max_epochs without early stopping"
+                split = subsample(pool, samples, config, fraction, seed)
+                if split is None:
+                    too_few[str(fraction)] = _too_few_message(pool, samples, config, fraction)
+                    continue
+                run, model = _one_run(backbone, cache, samples, config, split, test, seed)
+                run.update(label_fraction=fraction, fold=fold, seed=seed)
                 name = f"fraction{fraction:g}-fold{fold}-seed{seed}"
                 (out / "runs" / f"{name}.json").write_text(json.dumps(json_safe(run), indent=2, allow_nan=False))
                 runs.append(run)
                 primary = PRIMARY_METRIC[config.task]
-                print(f"  {name}: train {len(train)} / validation {len(validation)} / test {len(test)}, "
-                      f"{primary} {run['metrics'][primary]:.3f}, {run['train_seconds']:.1f} s")
+                print(f"  {name}: train {run['train']} ({run['train_subjects']} subjects) / validation "
+                      f"{run['validation']} / test {run['test']}, {primary} {run['metrics'][primary]:.3f}, "
+                      f"best epoch {run['best_epoch']} of {run['epochs']}, {run['train_seconds']:.1f} s")
                 if exported is None and fraction == largest and config.export:
                     exported = {"run": name, "folder": str(out / "model")}
                     _save_head(model, backbone, config, out / "model")
@@ -142,10 +144,14 @@ def train_heads(config: HeadTrainingConfig) -> dict:
         "samples": len(samples),
         "unreadable": unreadable,
         "primary_metric": PRIMARY_METRIC[config.task],
-        "protocol": "test split fixed per seed before subsampling; validation carved from the training subsample "
-                    "drives early stopping; the test split is used once, for the reported metrics",
+        "protocol": "test split fixed per seed (by subject) before subsampling; a label fraction too small for the "
+                    "task is reported, not enlarged; validation carved (by subject) from the training subsample selects "
+                    f"the epoch by {SELECTION_METRIC[config.task]}; the test split is used once, for the reported metrics",
         "config": asdict(config),
         "summary": summarise(runs),
+        "training_subjects": {str(fraction): sorted({run["train_subjects"] for run in runs if run["label_fraction"] == fraction})
+                              for fraction in config.label_fractions if str(fraction) not in too_few},
+        "too_few_labels": too_few,
         "runs": runs,
         "exported_model": exported,
     }
@@ -156,6 +162,35 @@ def train_heads(config: HeadTrainingConfig) -> dict:
 
         write_head_card(results, out / "model")
     return results
+
+
+SELECTION_METRIC = {"classification": "validation macro-AUC", "regression": "validation MAE",
+                    "survival": "validation C-index", "segmentation": "validation whole-tumour Dice"}
+
+
+def _one_run(backbone, cache, samples: list[Sample], config: HeadTrainingConfig, split: tuple, test: np.ndarray,
+             seed: int) -> tuple[dict, object]:
+    """Fit one head on (train, validation) and score it on the test split."""
+    train, validation = split
+    criterion = validation_criterion(config.task)
+    if config.task != "segmentation":
+        fit, model = fit_volume_head(backbone, cache, samples, config, train, validation, test, seed, criterion)
+        result = score_volume_run(fit, model, samples, test, config.task)
+    else:
+        fit, model = fit_segmentation_head(backbone, samples, config, train, validation, test, seed, criterion)
+        result = score_segmentation_run(fit, samples, test)
+    run = {"train": len(train), "train_subjects": len({samples[index].subject for index in train}),
+           "validation": len(validation), "test": len(test), "selection_metric": SELECTION_METRIC[config.task], **result}
+    if not len(validation):
+        run["note"] = "too few labels for a validation split: trained for max_epochs, the last epoch kept"
+    return run, model
+
+
+def _too_few_message(pool: np.ndarray, samples: list[Sample], config: HeadTrainingConfig, fraction: float) -> str:
+    subjects = len({samples[index].subject for index in pool})
+    needed = minimum_training_subjects(pool, samples, config)
+    return (f"too few labels: {fraction:g} of {subjects} training subjects is {round(fraction * subjects)}, fewer than the "
+            f"{needed} this task needs" + (" (to hold every class once)" if config.task == "classification" else "") + "; not run")
 
 
 def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Path) -> None:

@@ -108,3 +108,29 @@ def brats_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[
         overlap = region_overlap(np.isin(prediction, labels), np.isin(reference, labels), spacing)
         metrics.update({f"{name}_{region}": value for name, value in overlap.items()})
     return metrics
+
+
+def validation_criterion(task: str):
+    """The score that selects a head's epoch on its validation split (higher is better), as the authors select:
+    macro-AUC for classification (accuracy where the split lacks a class and AUC is undefined), minus the MAE for
+    regression, the C-index for survival, whole-tumour Dice over the validation slices for segmentation.
+    Returns `criterion(logits, targets) -> float`; NaN means undefined (counted as no improvement)."""
+    import torch
+
+    def classification(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        metrics = classification_metrics(labels.numpy(), logits.float().softmax(dim=1).numpy())
+        return metrics["auroc"] if np.isfinite(metrics["auroc"]) else metrics["accuracy"]
+
+    def regression(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        return -float((predictions.float().view(len(targets), -1) - targets.float().view(len(targets), -1)).abs().mean())
+
+    def survival(log_risk: torch.Tensor, times_events: torch.Tensor) -> float:
+        return survival_metrics(times_events[:, 0].numpy(), times_events[:, 1].numpy(), log_risk[:, 0].float().numpy())["c_index"]
+
+    def segmentation(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        predicted, reference = logits.argmax(dim=1) > 0, labels > 0
+        total = int(predicted.sum() + reference.sum())
+        return 1.0 if total == 0 else 2.0 * int((predicted & reference).sum()) / total
+
+    return {"classification": classification, "regression": regression, "survival": survival,
+            "segmentation": segmentation}[task]

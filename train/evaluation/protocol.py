@@ -133,8 +133,12 @@ def run_evaluation(config: EvaluationConfig) -> dict:
             rows.append({"backbone": name, "label_fraction": float(fraction), **{
                 f"{key}_{stat}": values[stat] for key, values in summary.items() for stat in ("mean", "std")},
                 "runs": summary[metric]["n"],
+                "training_subjects": "–".join(map(str, sorted({min(results["training_subjects"][fraction]),
+                                                                max(results["training_subjects"][fraction])}))),
                 "ci_low_mean": float(np.nanmean([low for low, _ in intervals])) if intervals else None,
                 "ci_high_mean": float(np.nanmean([high for _, high in intervals])) if intervals else None})
+        rows += [{"backbone": name, "label_fraction": float(fraction), "runs": 0, "note": message}
+                 for fraction, message in results["too_few_labels"].items()]
 
     samples = [sample for sample in samples if not unreadable.intersection(sample.inputs)]  # the heads' subjects
     extras = {}
@@ -145,9 +149,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     summary = {
         "task": config.task, "target": config.target, "inputs": config.inputs, "synthetic_data": synthetic,
         "primary_metric": metric, "backbones": backbones, "rows": rows, **extras, "config": asdict(config),
-        "protocol": "identical settings per backbone; test split fixed per seed (by subject) before subsampling; "
-                    "validation carved from the training subsample drives early stopping; the test split is used "
-                    "once, for the reported metrics",
+        "protocol": "identical settings per backbone; " + results["protocol"],
     }
     (out / "evaluation.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     write_tables(summary, out)

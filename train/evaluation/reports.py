@@ -34,13 +34,16 @@ def write_tables(summary: dict, out: Path) -> None:
              + (" (SYNTHETIC data)" if summary["synthetic_data"] else ""), "",
              f"Primary metric: {metric} ({direction} is better); mean ± std over seeds, and the mean of the per-run "
              "bootstrap 95 % intervals over test subjects.", "", f"Protocol: {summary['protocol']}.", "",
-             f"| backbone | labels | {metric} | 95 % CI | runs |", "| --- | --- | --- | --- | --- |"]
+             f"| backbone | labels | training subjects | {metric} | 95 % CI | runs |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
+        if "note" in row:  # a label fraction too small for the task
+            lines.append(f"| {row['backbone']} | {row['label_fraction']:.0%} | — | {row['note']} | — | 0 |")
+            continue
         mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
         score = f"{mean:.3f} ± {std:.3f}" if mean is not None and np.isfinite(mean) else "undefined"
         defined = row["ci_low_mean"] is not None and np.isfinite(row["ci_low_mean"])
         interval = f"[{row['ci_low_mean']:.3f}, {row['ci_high_mean']:.3f}]" if defined else "—"
-        lines.append(f"| {row['backbone']} | {row['label_fraction']:.0%} | {score} | {interval} | {row['runs']} |")
+        lines.append(f"| {row['backbone']} | {row['label_fraction']:.0%} | {row['training_subjects']} | {score} | {interval} | {row['runs']} |")
     if "knn" in summary:
         knn = summary["knn"]
         ks = sorted({int(k) for accuracy in knn["accuracy"].values() for k in accuracy})

@@ -36,7 +36,9 @@ class HeadTrainingConfig:
     weight_decay: float = 1e-4
     batch_size: int = 16
     max_epochs: int | None = None
-    patience: int | None = None
+    patience: int | None = None  # epochs without a better validation score before stopping
+    min_epochs: int | None = None  # no early stop before this epoch: early noise cannot end a run
+    plateau_patience: int | None = None  # epochs without improvement before the lr is halved
     slice_batch_size: int = 32
     export: bool = True
 
@@ -49,5 +51,7 @@ class HeadTrainingConfig:
             raise ValueError(f"label fractions must be in (0, 1], got {self.label_fractions}")
         segmentation = self.task == "segmentation"
         self.max_epochs = self.max_epochs or (20 if segmentation else 300)
-        self.patience = self.patience or (4 if segmentation else 30)
+        self.patience = self.patience or (6 if segmentation else 50)
+        self.min_epochs = self.min_epochs or (4 if segmentation else 30)
+        self.plateau_patience = self.plateau_patience or (2 if segmentation else 15)
         self.learning_rate = self.learning_rate or (3e-3 if segmentation else 1e-3)

@@ -1,4 +1,6 @@
-"""Fitting a head: AdamW on its trainable parameters, model selection on a validation split, early stopping."""
+"""Fitting a head: AdamW on its trainable parameters, model selection by the task's validation metric (the authors'
+criterion, not cross-entropy), the learning rate halved on a plateau of that metric, and early stopping that can
+only end a run after a floor of epochs."""
 
 from __future__ import annotations
 
@@ -10,34 +12,49 @@ import torch
 from braindino.train.heads.config import HeadTrainingConfig
 
 
+def _train_epoch(model, inputs_of, targets: torch.Tensor, optimizer, generator, config: HeadTrainingConfig) -> float:
+    size = len(targets)
+    batch_size = size if config.task == "survival" else config.batch_size  # Cox needs whole risk sets
+    model.train()
+    losses = []
+    for batch in torch.randperm(size, generator=generator).split(batch_size):
+        if config.task == "survival" and targets[batch, 1].sum() == 0:
+            continue
+        loss = model(**inputs_of(batch), labels=targets[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return sum(losses) / max(len(losses), 1)
+
+
 def fit_head(model, inputs_of, targets: torch.Tensor, validation, config: HeadTrainingConfig, seed: int) -> dict:
-    """AdamW on the trainable parameters; keep the state with the lowest validation loss (early stopping)."""
+    """Train for at most `max_epochs`; with a `validation()` score (higher is better) keep the best epoch's state,
+    halve the lr after `plateau_patience` epochs without improvement, and stop after `patience` epochs without one
+    (never before `min_epochs`). An undefined score (NaN) counts as no improvement. Without validation, the last
+    epoch is kept. Returns the chosen epoch and both curves."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    best = {"loss": math.inf, "epoch": 0, "state": None}
-    size = len(targets)
-    batch_size = size if config.task == "survival" else config.batch_size  # Cox needs whole risk sets
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                         patience=config.plateau_patience)
+    best = {"score": -math.inf, "epoch": 0, "state": None}
+    curves = {"train_loss": [], "validation_score": []}
     for epoch in range(1, config.max_epochs + 1):
-        model.train()
-        for batch in torch.randperm(size, generator=generator).split(batch_size):
-            if config.task == "survival" and targets[batch, 1].sum() == 0:
-                continue
-            loss = model(**inputs_of(batch), labels=targets[batch]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        curves["train_loss"].append(round(_train_epoch(model, inputs_of, targets, optimizer, generator, config), 5))
         if validation is None:
             continue
         model.eval()
         with torch.no_grad():
-            validation_loss = float(validation())
-        if validation_loss < best["loss"]:
-            best = {"loss": validation_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-        elif epoch - best["epoch"] >= config.patience:
+            score = float(validation())
+        curves["validation_score"].append(round(score, 5) if math.isfinite(score) else None)
+        plateau.step(score if math.isfinite(score) else -math.inf)
+        if math.isfinite(score) and score > best["score"]:
+            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        elif epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
     return {"epochs": epoch, "best_epoch": best["epoch"] or epoch,
-            "validation_loss": None if validation is None else best["loss"]}
+            "validation_score": None if best["state"] is None else best["score"], "curves": curves}

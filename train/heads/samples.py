@@ -92,21 +92,57 @@ def evaluation_splits(samples: list[Sample], config: HeadTrainingConfig, seed: i
     return [(rows(pool), rows(test)) for pool, test in subject_splits]
 
 
+# The fewest training subjects a run may have (classification: one subject per class, counted per split).
+MIN_TRAINING_SUBJECTS = {"regression": 3, "survival": 3, "segmentation": 2}
+
+
 def subsample(pool: np.ndarray, samples: list[Sample], config: HeadTrainingConfig, fraction: float,
-              seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded `fraction` of the training pool (every class kept for classification), split into train and
-    validation. Validation is empty when the subsample is too small to spare one."""
+              seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A seeded `fraction` of the training pool's subjects (a subject's rows stay together), split by subject into
+    train and validation, as row indices. Classification draws one subject per class first, and validation never
+    takes those, so training keeps every class. None when the fraction holds fewer subjects than the task needs
+    (`minimum_training_subjects`): the caller reports the fraction as too small instead of lifting it to another size.
+    Validation is empty when the subsample cannot spare a subject."""
     rng = np.random.default_rng(seed)
-    strata = _strata(samples, config.task)
-    minimum = len(np.unique(strata[pool])) if config.task == "classification" else 2
-    size = min(len(pool), max(minimum, int(round(fraction * len(pool)))))
-    if config.task == "classification":  # one of each class first, then the rest at random
-        first = [rng.choice(pool[strata[pool] == value]) for value in np.unique(strata[pool])]
-        rest = rng.permutation(np.setdiff1d(pool, first))[: size - len(first)]
-        chosen = rng.permutation(np.concatenate([first, rest]).astype(int))
-    else:
-        chosen = rng.permutation(pool)[:size]
+    subject_of = np.array([sample.subject for sample in samples])
+    subjects = np.unique(subject_of[pool])
+    size = int(round(fraction * len(subjects)))
+    first = _one_subject_per_class(pool, samples, subject_of, rng) if config.task == "classification" else []
+    if size < max(len(first), minimum_training_subjects(pool, samples, config)):
+        return None
+    rest = rng.permutation(np.setdiff1d(subjects, first))[: size - len(first)]
     validation_size = int(math.floor(config.validation_fraction * size))
-    if size - validation_size < minimum:
+    if size - validation_size < max(len(first), MIN_TRAINING_SUBJECTS.get(config.task, 1)) or validation_size > len(rest):
         validation_size = 0
-    return np.sort(chosen[validation_size:]), np.sort(chosen[:validation_size])
+    validation, train = rest[:validation_size], np.concatenate([first, rest[validation_size:]])
+    rows = lambda chosen: np.sort(pool[np.isin(subject_of[pool], chosen)])  # noqa: E731
+    return rows(train), rows(validation)
+
+
+def _one_subject_per_class(pool: np.ndarray, samples: list[Sample], subject_of: np.ndarray, rng) -> list[str]:
+    """Subjects that together cover every class of the pool: for each class in turn, a random subject holding it
+    unless one chosen already does."""
+    chosen, covered = [], set()
+    for value in rng.permutation(sorted({samples[index].target for index in pool})):
+        if value in covered:
+            continue
+        subject = rng.choice(sorted({subject_of[index] for index in pool if samples[index].target == value}))
+        chosen.append(subject)
+        covered |= {samples[index].target for index in pool if subject_of[index] == subject}
+    return chosen
+
+
+def minimum_training_subjects(pool: np.ndarray, samples: list[Sample], config: HeadTrainingConfig) -> int:
+    """For classification, the subjects it takes to hold every class of the pool once (greedy cover: one per class
+    when each subject has one label, one in all for a subject scanned with every sequence); else
+    `MIN_TRAINING_SUBJECTS`."""
+    if config.task != "classification":
+        return MIN_TRAINING_SUBJECTS[config.task]
+    classes_of: dict[str, set] = {}
+    for index in pool:
+        classes_of.setdefault(samples[index].subject, set()).add(samples[index].target)
+    uncovered, needed = set().union(*classes_of.values()), 0
+    while uncovered:
+        uncovered -= max(classes_of.values(), key=lambda classes: len(classes & uncovered))
+        needed += 1
+    return needed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -53,9 +54,11 @@ def _training_slices(processor, samples, indices, rng) -> tuple[torch.Tensor, to
 
 
 def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: HeadTrainingConfig, train: np.ndarray,
-                          validation: np.ndarray, test: np.ndarray, seed: int) -> tuple[dict, torch.nn.Module]:
-    """Fit the decoder on labelled slices; the fit record carries each test subject's predicted mask on its input
-    grid (through the segmentation pipeline users run), scored by the evaluation stage."""
+                          validation: np.ndarray, test: np.ndarray, seed: int,
+                          criterion: Callable[[torch.Tensor, torch.Tensor], float]) -> tuple[dict, torch.nn.Module]:
+    """Fit the decoder on labelled slices, selecting the epoch by `criterion(validation logits, labels)` (higher is
+    better); the fit record carries each test subject's predicted mask on its input grid (through the segmentation
+    pipeline users run), scored by the evaluation stage."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     processor = copy.deepcopy(backbone.processor)
@@ -73,10 +76,9 @@ def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: Hea
     validate = None
     if len(validation):
         validation_pixels, validation_labels = _training_slices(processor, samples, validation, rng)
-        validate = lambda: torch.stack([  # noqa: E731
-            model(validation_pixels[start : start + config.slice_batch_size],
-                  labels=validation_labels[start : start + config.slice_batch_size]).loss
-            for start in range(0, len(validation_pixels), config.slice_batch_size)]).mean()
+        validate = lambda: criterion(torch.cat([  # noqa: E731
+            model(validation_pixels[start : start + config.slice_batch_size]).logits
+            for start in range(0, len(validation_pixels), config.slice_batch_size)]), validation_labels)
     started = time.perf_counter()
     fit = fit_head(model, inputs_of, train_labels, validate, config, seed)
     fit["train_seconds"] = time.perf_counter() - started

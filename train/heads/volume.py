@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,10 +24,27 @@ def head_config_from_backbone(backbone: Backbone, config: HeadTrainingConfig):
     return head_config
 
 
-def _volume_model(backbone: Backbone, config: HeadTrainingConfig, samples: list[Sample], train: np.ndarray):
-    """The head model on this backbone, its config set from the task and the training targets."""
+def feature_statistics(train_embeddings: torch.Tensor, pooling: str) -> tuple[list[float], list[float]]:
+    """Per-dimension mean and std of the training embeddings the head standardises: volume embeddings (mean over
+    slices, contrasts averaged) for mean pooling, slice embeddings for attention pooling. A dimension that does not
+    vary keeps std 1."""
+    if pooling == "mean":
+        embeddings = train_embeddings.float().mean(dim=-2)  # [N, (M,) D]
+        embeddings = embeddings.mean(dim=1) if embeddings.ndim == 3 else embeddings  # contrasts averaged
+    else:
+        embeddings = train_embeddings.float().flatten(0, -2)  # every slice of every training volume
+    mean, std = embeddings.mean(dim=0), embeddings.std(dim=0, unbiased=False) if len(embeddings) > 1 else None
+    std = torch.ones_like(mean) if std is None else torch.where(std > 0, std, torch.ones_like(std))
+    return mean.tolist(), std.tolist()
+
+
+def _volume_model(backbone: Backbone, config: HeadTrainingConfig, samples: list[Sample], train: np.ndarray,
+                  train_embeddings: torch.Tensor):
+    """The head model on this backbone, its config set from the task, the training targets and the training
+    embeddings' statistics."""
     head_config = head_config_from_backbone(backbone, config)
     head_config.pooling = config.pooling
+    head_config.feature_mean, head_config.feature_std = feature_statistics(train_embeddings, config.pooling)
     if config.task == "classification":
         classes = sorted({sample.target for sample in samples})
         head_config.num_labels = len(classes)
@@ -59,25 +77,26 @@ def _targets(samples: list[Sample], indices: np.ndarray, task: str, label2id: di
 
 
 def fit_volume_head(backbone: Backbone, cache: FeatureCache, samples: list[Sample], config: HeadTrainingConfig,
-                    train: np.ndarray, validation: np.ndarray, test: np.ndarray, seed: int) -> tuple[dict, torch.nn.Module]:
-    """Fit a classification / regression / survival head on cached slice embeddings; the fit record carries the
-    test split's logits and targets (scored by the evaluation stage)."""
+                    train: np.ndarray, validation: np.ndarray, test: np.ndarray, seed: int,
+                    criterion: Callable[[torch.Tensor, torch.Tensor], float]) -> tuple[dict, torch.nn.Module]:
+    """Fit a classification / regression / survival head on cached slice embeddings, selecting the epoch by
+    `criterion(validation logits, validation targets)` (higher is better). The fit record carries the test split's
+    logits and targets (scored by the evaluation stage)."""
     def embeddings(indices):  # [N, S, D], or [N, M, S, D] for several contrasts
         per_contrast = [cache.slice_embeddings([samples[index].inputs[contrast] for index in indices])
                         for contrast in range(len(config.inputs))]
         return per_contrast[0] if len(per_contrast) == 1 else torch.stack(per_contrast, dim=1)
 
     torch.manual_seed(seed)
-    model = _volume_model(backbone, config, samples, train)
+    train_embeddings = embeddings(train)
+    model = _volume_model(backbone, config, samples, train, train_embeddings)
     label2id = model.config.label2id if config.task == "classification" else None
-    train_embeddings, train_targets = embeddings(train), _targets(samples, train, config.task, label2id)
+    train_targets = _targets(samples, train, config.task, label2id)
     validate = None
     if len(validation):
         validation_embeddings = embeddings(validation)
         validation_targets = _targets(samples, validation, config.task, label2id)
-        validate = lambda: model(slice_embeddings=validation_embeddings, labels=validation_targets).loss  # noqa: E731
-        if config.task == "survival" and validation_targets[:, 1].sum() == 0:
-            validate = None
+        validate = lambda: criterion(model(slice_embeddings=validation_embeddings).logits, validation_targets)  # noqa: E731
     started = time.perf_counter()
     fit = fit_head(model, lambda batch: {"slice_embeddings": train_embeddings[batch]}, train_targets, validate, config, seed)
     fit["train_seconds"] = time.perf_counter() - started
@@ -86,4 +105,8 @@ def fit_volume_head(backbone: Backbone, cache: FeatureCache, samples: list[Sampl
         if config.task == "survival":  # Kaplan-Meier groups split at the median training risk
             fit["train_risk"] = [round(float(value), 4) for value in model(slice_embeddings=train_embeddings).logits[:, 0]]
     fit["test_targets"] = _targets(samples, test, config.task, label2id)
+    if config.task == "classification":  # trivial baselines, scored beside the head
+        fit["majority_class"] = int(torch.mode(train_targets).values)
+    elif config.task == "regression":
+        fit["train_target_mean"] = float(train_targets.float().mean())
     return fit, model

@@ -84,7 +84,9 @@ def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard
                        + (" — SYNTHETIC subjects built on MNI152 anatomy (`braindino synth`), not real patients."
                           if results["synthetic_data"] else ".")),
         procedure=(f"Backbone frozen; head trained with AdamW (lr {config['learning_rate']}, weight decay "
-                   f"{config['weight_decay']}), early stopping on a validation split (patience {config['patience']} epochs, "
+                   f"{config['weight_decay']}) on standardised embeddings (the training split's per-dimension mean and std), "
+                   f"the epoch selected by the task's metric on a validation split (lr halved on plateau, early stop "
+                   f"after {config['patience']} epochs without improvement, not before epoch {config['min_epochs']}, "
                    f"at most {config['max_epochs']}); label fractions {config['label_fractions']}, "
                    f"{config['folds']} fold(s), seeds {config['seeds']}. The exported weights are the run with "
                    f"{exported['label_fraction']:.0%} of labels, fold {exported['fold']}, seed {exported['seed']} "
