@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,13 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 from transformers.utils import ModelOutput
 
 from .configuration_braindino import BrainDinoConfig
+from .image_processing_braindino import BrainDinoImageProcessor
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -292,6 +297,24 @@ class BrainDinoPreTrainedModel(PreTrainedModel):
             raise ValueError("BrainDINO loads weights from safetensors only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
         return super().from_pretrained(*args, **kwargs)
+
+    # Axial slices per volume of the default processor: the paper's 128 for volume heads, every slice otherwise.
+    default_num_slices: int | None = None
+
+    def default_image_processor(self) -> BrainDinoImageProcessor:
+        """The processor this model expects when a folder has none: the processor has no learned state, so the
+        config's slice size and channels (and `default_num_slices`) define it."""
+        return BrainDinoImageProcessor(size=self.config.image_size, num_channels=self.config.num_channels,
+                                       num_slices=self.default_num_slices)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; a folder without a processor also gets the default one, so every
+        folder saved from Python works with `pipeline()` (a processor saved into it afterwards replaces it)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not (Path(save_directory) / "preprocessor_config.json").exists():
+            logger.warning_once(f"{save_directory}: no image processor saved with the model; writing the default one "
+                                f"({self.config.image_size} px, num_slices={self.default_num_slices})")
+            self.default_image_processor().save_pretrained(save_directory)
 
     def trainable_parameter_fraction(self) -> float:
         """Share of parameters that receive gradients (the paper: about 0.6 % for ViT-B non-dense heads)."""
@@ -583,6 +606,8 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
     paper). Cached slice embeddings `(B, S, D)` (or `(B, M, S, D)`) can replace `pixel_values`, so heads train
     on a feature cache in seconds.
     """
+
+    default_num_slices = 128  # the paper's subject-level setting
 
     def __init__(self, config: BrainDinoConfig):
         super().__init__(config)

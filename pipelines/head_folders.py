@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
+from transformers.utils import logging
 
 from ..image_processing_braindino import BrainDinoImageProcessor
 from ..modeling_braindino import BrainDinoForClassification, BrainDinoForRegression, BrainDinoForSegmentation
@@ -23,6 +24,8 @@ from .brain_mri import (
     BrainSurvivalPipeline,
     BrainTumorSegmentationPipeline,
 )
+
+logger = logging.get_logger(__name__)
 
 # task → (pipeline class, model class used with the package installed, transformers Auto class for remote code)
 PIPELINE_TASKS = {
@@ -68,5 +71,9 @@ def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch
     runs, even for folders that also carry `custom_pipelines` for users without the package)."""
     pipeline_class, model_class, _ = PIPELINE_TASKS[task]
     loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
-    processor = BrainDinoImageProcessor.from_pretrained(model)
+    try:
+        processor = BrainDinoImageProcessor.from_pretrained(model)
+    except OSError:  # a folder saved before models wrote their default processor: the processor has no learned state
+        logger.warning_once(f"{model}: no image processor in the folder; using the model's default one")
+        processor = loaded.default_image_processor()
     return pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)

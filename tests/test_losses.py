@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
@@ -48,7 +49,7 @@ def test_dino_loss_matches_the_pair_loop():
     torch.testing.assert_close(DinoClsTokenLoss(0.1)(student, teacher), expected)
 
 
-def test_ibot_loss_weights_every_masked_image_equally():
+def test_ibot_loss_weights_every_masked_image_equally_and_divides_by_all_global_crops():
     torch.manual_seed(3)
     masks = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
     count = int(masks.sum())
@@ -59,7 +60,7 @@ def test_ibot_loss_weights_every_masked_image_equally():
     for m in range(count):
         n = int(masks[image_of_patch[m]].sum())
         total += (1 / n) * float(-(teacher[m] * torch.log_softmax(student[m] / 0.1, dim=-1)).sum())
-    expected = total / 2  # two images have masked patches
+    expected = total / 3  # DINOv2/v3 divide by every global crop in the batch, masked or not
     assert math.isclose(float(IBotPatchLoss(0.1)(student, teacher, masks)), expected, rel_tol=1e-5)
     nothing = IBotPatchLoss()(student[:0], teacher[:0], torch.zeros(2, 5, dtype=torch.bool))
     assert float(nothing) == 0.0
@@ -93,3 +94,62 @@ def test_softmax_centering_moves_the_centre_towards_the_batch_mean():
     targets = centering(logits, temperature=1.0)
     torch.testing.assert_close(targets, torch.softmax(logits, dim=-1))  # first call: centre was 0
     torch.testing.assert_close(centering.center, torch.tensor([[1.0, 0.0, 0.5]]))
+
+
+def _reference_dinov3_total(student_global, student_local, teacher_probs, student_masked, teacher_masked, masks,
+                            cls_pre_head, weights, student_temperature=0.1):
+    """DINOv3's `compute_losses`, transcribed from its formulas (not its code): shapes [G, B, K], [L, B, K], [G, B, K],
+    [M, K], [M, K], [G * B, N], [G, B, D]."""
+    G, B, _ = student_global.shape
+    L = student_local.shape[0]
+
+    def cross_entropy(student, teacher):  # summed over prototypes, per sample
+        return -(teacher * torch.log_softmax(student / student_temperature, dim=-1)).sum(-1)
+
+    local = sum(float(cross_entropy(student_local[s], teacher_probs[t]).sum()) for s in range(L) for t in range(G)) / (B * L * G)
+    global_ = sum(float(cross_entropy(student_global[s], teacher_probs[t]).sum())
+                  for s in range(G) for t in range(G) if s != t) / (B * G * (G - 1))
+    global_terms, local_terms = G * (G - 1), G * L
+    dino = (local_terms * local + global_terms * global_) / (global_terms + local_terms)
+    koleo = sum(float(KoLeoLoss()(cls_pre_head[g])) for g in range(G)) / G
+    per_image = masks.sum(-1)
+    image_of_patch = masks.nonzero()[:, 0]
+    ibot = sum(float(cross_entropy(student_masked[m], teacher_masked[m])) / float(per_image[image_of_patch[m]])
+               for m in range(len(student_masked))) / masks.shape[0]
+    return weights["dino"] * dino + weights["koleo"] * G * koleo + weights["ibot"] * ibot, koleo
+
+
+@pytest.mark.parametrize("masked_crops", [[0, 3], [2]], ids=["some global crops unmasked", "one masked image"])
+def test_total_loss_is_composed_as_dinov3_composes_it(masked_crops):
+    """The loop's total against DINOv3's composition on the same model outputs: DINO's pair scales, iBOT over all
+    global crops, KoLeo x 2 global crops; with 2 of 4 global crops masked, and with a single masked image."""
+    from braindino.train.pretraining.recipe import PretrainConfig
+    from braindino.train.pretraining.self_distillation import SelfDistillation, build_student
+
+    recipe = PretrainConfig(preset="tiny", model_overrides={
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+        "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64, "layerscale_value": 1.0,
+        "rope_rescale_coords": None})
+    torch.manual_seed(0)
+    model = SelfDistillation(build_student(recipe), recipe).train()
+    masks = torch.zeros(4, 4, dtype=torch.bool)  # 2 global crops x batch 2, 2 x 2 patches each
+    for crop in masked_crops:
+        masks[crop, : crop + 1] = True
+    batch = {"global_crops": torch.randn(4, 3, 32, 32), "local_crops": torch.randn(6, 3, 16, 16), "masks": masks}
+    losses = model(batch, teacher_temperature=0.04)
+
+    from braindino.train.pretraining.losses import sinkhorn_knopp
+
+    with torch.no_grad():
+        teacher = model.teacher(batch["global_crops"], patch_positions=masks)
+        student = model.student(batch["global_crops"], bool_masked_pos=masks, patch_positions=masks)
+        local = model.student(batch["local_crops"])
+    expected, koleo = _reference_dinov3_total(
+        student.cls_logits.unflatten(0, (2, 2)), local.cls_logits.unflatten(0, (3, 2)),
+        sinkhorn_knopp(teacher.cls_logits, 0.04).unflatten(0, (2, 2)), student.masked_patch_logits,
+        sinkhorn_knopp(teacher.masked_patch_logits, 0.04), masks, student.cls_tokens.unflatten(0, (2, 2)),
+        model.loss_weights)
+    per_crop = [float(KoLeoLoss()(view)) for view in student.cls_tokens.unflatten(0, (2, 2))]
+    assert abs(per_crop[0] - per_crop[1]) > 1e-3  # the two global crops' KoLeo differ: mean vs sum matters
+    assert float(losses["koleo"]) == pytest.approx(koleo, rel=1e-5)
+    assert float(losses["loss"]) == pytest.approx(expected, rel=1e-5)

@@ -151,3 +151,17 @@ def test_bfloat16_pipeline_runs_the_model_in_bfloat16_and_agrees_with_float32(he
     half = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True, dtype=torch.bfloat16, device="cpu")
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half(subject["t1"])["age"] == pytest.approx(full["age"], abs=1.0)
+
+
+def test_a_head_saved_from_python_works_with_pipeline(tmp_path, mni152_path):
+    """`save_pretrained` alone (no processor saved): the folder gets the default processor and `pipeline()` runs."""
+    from conftest import small_config
+
+    from braindino import BrainDinoForRegression, BrainDinoImageProcessor
+
+    head = BrainDinoForRegression(small_config(num_labels=1, target_mean=[50.0], target_std=[10.0])).eval()
+    head.save_pretrained(tmp_path / "age")
+    processor = BrainDinoImageProcessor.from_pretrained(tmp_path / "age")
+    assert processor.num_slices == 128 and processor.size == head.config.image_size
+    result = pipeline("brain-age", model=str(tmp_path / "age"))(mni152_path)
+    assert result["num_slices"] == 128 and isinstance(result["age"], float)

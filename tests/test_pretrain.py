@@ -238,7 +238,7 @@ def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(reci
     assert result.returncode == 0, result.stderr[-3000:]
     records = _losses(tmp_path / "run")
     for record in records.values():
-        weighted = record["dino"] + record["ibot"] + 0.1 * record["koleo"] + record["gram"]
+        weighted = record["dino"] + record["ibot"] + 0.1 * 2 * record["koleo"] + record["gram"]  # KoLeo scale: 2 global crops
         assert record["loss"] == pytest.approx(weighted, rel=1e-5)
     assert records[6]["gram"] > 0
     states = {iteration: load_file(tmp_path / "run" / "checkpoints" / f"iter-{iteration:07d}" / "accelerate" / "model.safetensors")

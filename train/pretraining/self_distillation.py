@@ -40,8 +40,15 @@ def build_student(config: PretrainConfig) -> BrainDinoForPreTraining:
 class SelfDistillation(nn.Module):
     """Student and teachers of one recipe, with its losses and their weights.
 
-    `forward(batch, teacher_temperature)` returns each weighted term's raw value and `loss`, their weighted sum:
-        loss = w_dino * dino + w_ibot * ibot + w_koleo * koleo (+ w_gram * gram in stage 2)
+    `forward(batch, teacher_temperature)` returns each term's value and `loss`, composed as DINOv3 composes it:
+        loss = w_dino * dino + w_ibot * ibot + w_koleo * G * koleo (+ w_gram * gram in stage 2)
+    - dino: the mean over every (student crop u, teacher global crop v != u) pair, which is DINOv3's
+      global_scale * global term + local_scale * local term with global_scale = G (G - 1) / (G (G - 1) + G L) and
+      local_scale = G L / (G (G - 1) + G L) (G = 2 global crops, L local crops);
+    - ibot: summed over masked patches (each 1 / masked patches of its image), divided by all G * B global crops;
+    - koleo: the mean over the G global crops of each crop's KoLeo over the batch, scaled by `KOLEO_SCALE` = G
+      (DINOv3's `koleo_scale`), i.e. the sum over the global crops;
+    - gram: weighted by w_gram alone.
     """
 
     def __init__(self, student: BrainDinoForPreTraining, config: PretrainConfig):
@@ -96,7 +103,8 @@ class SelfDistillation(nn.Module):
         }
         if targets["gram"] is not None:
             values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
-        values["loss"] = sum(self.loss_weights[name] * value for name, value in values.items())
+        scales = {"koleo": self.num_global_crops}  # DINOv3's koleo_scale; every other term has scale 1
+        values["loss"] = sum(self.loss_weights[name] * scales.get(name, 1) * value for name, value in values.items())
         return values
 
     @torch.no_grad()
