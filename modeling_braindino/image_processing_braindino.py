@@ -41,6 +41,7 @@ class SliceGeometry:
     resized_shape: tuple[int, int]
     pad_offset: tuple[int, int]
     canvas_shape: tuple[int, int]
+    non_finite_voxels: int = 0  # NaN/Inf voxels of the input, read as background
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +185,7 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         """One volume → `pixel_values` `(S, C, H, W)` and its `SliceGeometry`."""
         volume, ras_data, ras_zooms = self._load_ras(source, affine, name)
         geometry = self._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
+        geometry.non_finite_voxels = volume.non_finite_voxels
         slices = self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear")
         pixel_values = slices.unsqueeze(1).expand(-1, self.num_channels, -1, -1).contiguous()  # [S, C, H, W]
         return pixel_values, geometry
@@ -230,6 +232,7 @@ class BrainDinoImageProcessor(BaseImageProcessor):
                 )
         union = np.max([np.abs(ras_data) for _, ras_data, _ in loaded], axis=0)
         geometry = self._plan(reference.name, union, loaded[0][2], reference.data.shape, reference.affine)
+        geometry.non_finite_voxels = sum(volume.non_finite_voxels for volume, _, _ in loaded)
         contrasts = [self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear") for _, ras_data, _ in loaded]
         return torch.stack(contrasts, dim=1), geometry  # [S, M, H, W]
 

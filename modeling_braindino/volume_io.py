@@ -18,6 +18,13 @@ import numpy as np
 # 512³ voxels (512 MiB as float32) is far beyond any brain MRI we expect; a header claiming more is refused.
 DEFAULT_MAX_VOXELS = 512**3
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Plausible voxel sizes (mm) and the fewest voxels along each in-plane axis of an axial slice: a 1,000,000 mm voxel
+# or a 2x2-pixel slice blown up to 224 px would silently give garbage.
+VOXEL_SIZE_RANGE_MM = (0.05, 20.0)
+MIN_IN_PLANE_VOXELS = 16
+# Non-finite voxels are background (SPM/FSL write NaN outside the brain); inside the foreground (enclosed by it
+# along every axis) more than this share of the foreground's voxel count makes the volume unusable.
+MAX_NON_FINITE_INSIDE_FOREGROUND = 0.01
 
 
 class BrainDinoInputError(ValueError):
@@ -31,11 +38,13 @@ class BrainDinoInputError(ValueError):
 
 @dataclass
 class BrainVolume:
-    """A checked 3D volume: float32 voxels in the file's own array order, its voxel→world affine, its name."""
+    """A checked 3D volume: float32 voxels in the file's own array order, its voxel→world affine, its name, and how
+    many non-finite voxels were read (they are set to 0, background)."""
 
     data: np.ndarray
     affine: np.ndarray
     name: str
+    non_finite_voxels: int = 0
 
     @property
     def zooms(self) -> np.ndarray:
@@ -71,6 +80,7 @@ def _check_header(image: nib.spatialimages.SpatialImage, name: str, max_voxels: 
     if dtype is not None:
         _check_dtype(dtype, name)
     _check_affine(np.asarray(image.affine, dtype=np.float64), name)
+    _check_geometry(np.asarray(image.affine, dtype=np.float64), shape, name)
     return shape
 
 
@@ -86,12 +96,62 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
         raise BrainDinoInputError(name, "singular affine (a voxel size or direction is zero)")
 
 
-def _check_values(data: np.ndarray, name: str) -> None:
-    finite = np.isfinite(data)
-    if not finite.all():
-        raise BrainDinoInputError(name, f"{data.size - int(finite.sum()):,} voxels are NaN or infinite")
+def _check_geometry(affine: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    """Voxel sizes within `VOXEL_SIZE_RANGE_MM`, and at least `MIN_IN_PLANE_VOXELS` along both in-plane axes of an
+    axial slice (the array axes not closest to superior-inferior)."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    low, high = VOXEL_SIZE_RANGE_MM
+    if zooms.min() < low or zooms.max() > high:
+        sizes = " x ".join(f"{size:g}" for size in zooms)
+        raise BrainDinoInputError(name, f"voxel size {sizes} mm is outside the plausible {low:g}-{high:g} mm "
+                                        "(check the header's pixdim / affine units)")
+    axial_axis = int(np.argmax(np.abs(affine[2, :3]) / zooms))
+    in_plane = [size for axis, size in enumerate(shape[:3]) if axis != axial_axis]
+    if min(in_plane) < MIN_IN_PLANE_VOXELS:
+        raise BrainDinoInputError(name, f"axial slices of {in_plane[0]} x {in_plane[1]} voxels; at least "
+                                        f"{MIN_IN_PLANE_VOXELS} x {MIN_IN_PLANE_VOXELS} are needed")
+
+
+def _inside(foreground: np.ndarray) -> np.ndarray:
+    """Voxels with foreground on both sides along every axis (holes and gaps inside the brain, not the outside)."""
+    enclosed = np.ones_like(foreground)
+    for axis in range(3):
+        before = np.maximum.accumulate(foreground, axis=axis)
+        after = np.flip(np.maximum.accumulate(np.flip(foreground, axis=axis), axis=axis), axis=axis)
+        enclosed &= before & after
+    return enclosed
+
+
+def _check_values(data: np.ndarray, name: str) -> int:
+    """Set non-finite voxels to 0 (background) in place and return their count; refuse a volume with nothing
+    finite left, all zero, of one constant intensity, or with non-finite voxels inside its foreground."""
+    non_finite = ~np.isfinite(data)
+    count = int(non_finite.sum())
+    if count:
+        if count == data.size:
+            raise BrainDinoInputError(name, "every voxel is NaN or infinite")
+        data[non_finite] = 0.0
+        foreground = data != 0
+        inside = int((non_finite & _inside(foreground)).sum())
+        if inside > MAX_NON_FINITE_INSIDE_FOREGROUND * max(int(foreground.sum()), 1):
+            raise BrainDinoInputError(name, f"{inside:,} NaN or infinite voxels lie inside the brain (enclosed by "
+                                            "finite voxels), too many to treat as background")
     if not data.any():
-        raise BrainDinoInputError(name, "all voxels are zero")
+        raise BrainDinoInputError(name, "all voxels are zero" + (" (after NaN/Inf voxels as background)" if count else ""))
+    if data.min() == data.max():
+        raise BrainDinoInputError(name, f"every voxel has the same intensity ({data.flat[0]:g}): no contrast to normalise")
+    return count
+
+
+def _check_header_integrity(path: Path, image, name: str) -> None:
+    """Refuse a header nibabel would have to repair (it fixes fields such as sizeof_hdr on load, and the voxels may
+    then be read from the wrong place): diagnose the header bytes as they are on disk."""
+    header_class = type(image.header)
+    with nib.openers.Opener(str(path)) as handle:
+        raw = handle.read(header_class.template_dtype.itemsize)
+    problems = header_class.diagnose_binaryblock(raw) if len(raw) == header_class.template_dtype.itemsize else "truncated header"
+    if problems:
+        raise BrainDinoInputError(name, "invalid NIfTI header (nibabel: " + "; ".join(problems.splitlines()) + ")")
 
 
 def _load_path(path: Path, max_voxels: int) -> BrainVolume:
@@ -108,6 +168,7 @@ def _load_path(path: Path, max_voxels: int) -> BrainVolume:
         raise BrainDinoInputError(name, f"not a readable NIfTI file ({type(error).__name__}: {error})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BrainDinoInputError(name, f"not a NIfTI image (nibabel read it as {type(image).__name__})")
+    _check_header_integrity(path, image, name)
     return _load_image(image, name, max_voxels)
 
 
@@ -117,8 +178,8 @@ def _load_image(image: nib.spatialimages.SpatialImage, name: str, max_voxels: in
         data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, zlib.error, ValueError) as error:
         raise BrainDinoInputError(name, f"truncated or corrupt voxel data ({type(error).__name__}: {error})") from None
-    _check_values(data, name)
-    return BrainVolume(data=data, affine=np.asarray(image.affine, dtype=np.float64), name=name)
+    count = _check_values(data, name)
+    return BrainVolume(data=data, affine=np.asarray(image.affine, dtype=np.float64), name=name, non_finite_voxels=count)
 
 
 def _load_array(array: np.ndarray, affine: np.ndarray | None, name: str, max_voxels: int) -> BrainVolume:
@@ -136,9 +197,10 @@ def _load_array(array: np.ndarray, affine: np.ndarray | None, name: str, max_vox
     if min(array.shape) < 1:
         raise BrainDinoInputError(name, f"empty volume of shape {array.shape}")
     _check_affine(affine, name)
-    data = array.astype(np.float32, copy=False)
-    _check_values(data, name)
-    return BrainVolume(data=data, affine=affine, name=name)
+    _check_geometry(affine, array.shape, name)
+    data = array.astype(np.float32, copy=True)  # non-finite voxels are zeroed in place: never in the caller's array
+    count = _check_values(data, name)
+    return BrainVolume(data=data, affine=affine, name=name, non_finite_voxels=count)
 
 
 def load_volume(
@@ -155,9 +217,12 @@ def load_volume(
         name: what error messages call the input (defaults to the path or `"<array>"`).
         max_voxels: refuse volumes whose header claims more voxels than this.
 
+    Non-finite voxels become 0 (background) and are counted in `BrainVolume.non_finite_voxels`.
+
     Raises:
-        BrainDinoInputError: not NIfTI, truncated, not 3D, empty, all zero, NaN/Inf, complex or other
-            unsupported dtype, absurd header size, singular affine.
+        BrainDinoInputError: not NIfTI, an invalid header nibabel would repair, truncated, not 3D, empty, all zero,
+            one constant intensity, NaN/Inf everywhere or inside the brain, complex or other unsupported dtype,
+            absurd header size, singular affine, voxel sizes outside 0.05-20 mm, slices under 16 x 16 voxels.
     """
     if isinstance(source, BrainVolume):
         return source

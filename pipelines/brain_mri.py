@@ -20,6 +20,12 @@ BRATS_REGIONS = {"whole_tumor": (1, 2, 3), "tumor_core": (1, 3), "enhancing_tumo
 BRATS_LABEL_NAMES = ["background", "necrotic_core", "edema", "enhancing_tumor"]
 
 
+def with_non_finite_count(result: dict, geometry) -> dict:
+    """Say in the result how many NaN/Inf voxels of the input were read as background (only when there were any)."""
+    count = getattr(geometry, "non_finite_voxels", 0)
+    return {**result, "non_finite_voxels": int(count)} if count else result
+
+
 class BrainMRIPipeline(Pipeline):
     """Shared plumbing: input forms, contrasts, slice batching. Subclasses say what `_forward` computes."""
 
@@ -77,11 +83,12 @@ class BrainMRIScorePipeline(BrainMRIPipeline):
 
     def _forward(self, model_inputs: dict, slice_batch_size: int = 32) -> dict:
         output = self._head_output(model_inputs["contrast_slices"], slice_batch_size)
-        return {"value": output.logits[0, 0].float(), "num_slices": model_inputs["contrast_slices"][0].shape[0]}
+        return {"value": output.logits[0, 0].float(), "num_slices": model_inputs["contrast_slices"][0].shape[0],
+                "geometry": model_inputs["geometry"]}
 
     def postprocess(self, model_outputs: dict) -> dict:
-        return {self.output_key: round(float(model_outputs["value"]), self.decimals),
-                "num_slices": int(model_outputs["num_slices"])}
+        return with_non_finite_count({self.output_key: round(float(model_outputs["value"]), self.decimals),
+                                      "num_slices": int(model_outputs["num_slices"])}, model_outputs["geometry"])
 
 
 class BrainAgePipeline(BrainMRIScorePipeline):
@@ -128,7 +135,7 @@ class BrainMRIFeatureExtractionPipeline(BrainMRIPipeline):
 
     def _forward(self, model_inputs: dict, slice_batch_size: int = 32) -> dict:
         embeddings = self._slice_embeddings(model_inputs["contrast_slices"], slice_batch_size)
-        return {"slice_embeddings": [embedding.float() for embedding in embeddings]}
+        return {"slice_embeddings": [embedding.float() for embedding in embeddings], "geometry": model_inputs["geometry"]}
 
     def postprocess(self, model_outputs: dict, return_slice_embeddings: bool = False) -> dict:
         per_contrast = model_outputs["slice_embeddings"]
@@ -138,7 +145,7 @@ class BrainMRIFeatureExtractionPipeline(BrainMRIPipeline):
         }
         if return_slice_embeddings:
             result["slice_embeddings"] = per_contrast[0].numpy() if len(per_contrast) == 1 else [e.numpy() for e in per_contrast]
-        return result
+        return with_non_finite_count(result, model_outputs["geometry"])
 
 
 class BrainTumorSegmentationPipeline(BrainMRIPipeline):
@@ -167,4 +174,4 @@ class BrainTumorSegmentationPipeline(BrainMRIPipeline):
         if [id2label[index] for index in sorted(id2label)] == BRATS_LABEL_NAMES:
             volumes.update({region: round(float(np.isin(labels, members).sum() * voxel_ml), 3)
                             for region, members in BRATS_REGIONS.items()})
-        return {"mask": mask, "volumes_ml": volumes, "num_slices": len(geometry.slice_indices)}
+        return with_non_finite_count({"mask": mask, "volumes_ml": volumes, "num_slices": len(geometry.slice_indices)}, geometry)

@@ -18,7 +18,7 @@ from braindino import BrainDinoImageProcessor, BrainDinoInputError, load_volume
 from conftest import save_nifti
 
 
-def _volume(shape=(12, 12, 8), dtype=np.float32):
+def _volume(shape=(20, 20, 8), dtype=np.float32):
     data = np.zeros(shape, dtype=dtype)
     data[2:-2, 2:-2, 2:-2] = 100
     return data
@@ -80,18 +80,83 @@ def test_2d_and_5d_and_4d_series(tmp_path):
     _expect(save_nifti(tmp_path / "five.nii.gz", np.ones((8, 8, 8, 1, 2), np.float32)), "5D data")
     _expect(save_nifti(tmp_path / "series.nii.gz", np.ones((8, 8, 8, 3), np.float32)), "4D data", "select one")
     single = load_volume(save_nifti(tmp_path / "single.nii.gz", _volume()[..., None]))
-    assert single.data.shape == (12, 12, 8)  # a trailing singleton time axis is fine
+    assert single.data.shape == (20, 20, 8)  # a trailing singleton time axis is fine
 
 
 def test_all_zero(tmp_path):
-    _expect(save_nifti(tmp_path / "zeros.nii.gz", np.zeros((8, 8, 8), np.float32)), "all voxels are zero")
+    _expect(save_nifti(tmp_path / "zeros.nii.gz", np.zeros((20, 20, 8), np.float32)), "all voxels are zero")
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
-def test_nan_and_inf(tmp_path, bad_value):
+def test_non_finite_voxels_outside_the_brain_are_background_and_counted(tmp_path, bad_value):
+    """SPM/FSL write NaN outside the brain: those voxels become 0 and the count travels to the processor's geometry."""
     data = _volume()
-    data[3, 3, 3] = bad_value
-    _expect(save_nifti(tmp_path / "bad_values.nii.gz", data), "1 voxels are NaN or infinite")
+    data[0] = bad_value  # one outer face of the box, outside the brain
+    path = save_nifti(tmp_path / "nan_outside.nii.gz", data)
+    volume = load_volume(path)
+    assert volume.non_finite_voxels == 20 * 8 and np.isfinite(volume.data).all() and (volume.data[0] == 0).all()
+    _, geometry = BrainDinoImageProcessor(size=32).preprocess_volume(path)
+    assert geometry.non_finite_voxels == 20 * 8
+
+
+def test_a_pipeline_result_says_how_many_voxels_were_non_finite(tmp_path, head_folders):
+    from transformers import pipeline
+
+    data = _volume((32, 32, 8))
+    data[0] = np.nan
+    age = pipeline("brain-age", model=str(head_folders["age"]), trust_remote_code=True)
+    assert age(save_nifti(tmp_path / "nan_outside.nii.gz", data))["non_finite_voxels"] == 32 * 8
+    assert "non_finite_voxels" not in age(save_nifti(tmp_path / "clean.nii.gz", _volume((32, 32, 8))))
+
+
+def test_non_finite_voxels_inside_the_brain_or_everywhere_are_refused(tmp_path):
+    data = _volume()
+    data[6:12, 6:12, 3:5] = np.nan  # a hole enclosed by brain: 72 voxels, 7 % of the foreground
+    _expect(save_nifti(tmp_path / "nan_inside.nii.gz", data), "72 NaN or infinite voxels lie inside the brain")
+    _expect(save_nifti(tmp_path / "all_nan.nii.gz", np.full((20, 20, 8), np.nan, np.float32)), "every voxel is NaN")
+    one = _volume()
+    one[8, 8, 4] = np.inf  # a single voxel inside (0.1 % of the foreground) is tolerated, and counted
+    assert load_volume(save_nifti(tmp_path / "one_inf.nii.gz", one)).non_finite_voxels == 1
+
+
+def _degenerate(tmp_path, case):
+    """The degenerate files users hit: one constant intensity, absurd voxel sizes, 2x2-pixel slices, and a header
+    nibabel has to repair (sizeof_hdr)."""
+    if case == "constant":
+        return save_nifti(tmp_path / "constant.nii.gz", np.full((20, 20, 8), 7.0, np.float32)), "same intensity"
+    if case == "huge voxels":
+        return save_nifti(tmp_path / "huge.nii.gz", _volume(), np.diag([1e6, 1e6, 1e6, 1.0])), "outside the plausible"
+    if case == "tiny slices":
+        return save_nifti(tmp_path / "thin.nii.gz", np.random.default_rng(0).random((2, 2, 200), np.float32)), "2 x 2 voxels"
+    path = Path(save_nifti(tmp_path / "repaired.nii", _volume()))
+    raw = bytearray(path.read_bytes())
+    raw[0:4] = (100).to_bytes(4, "little")  # sizeof_hdr must be 348
+    path.write_bytes(bytes(raw))
+    return str(path), "invalid NIfTI header"
+
+
+DEGENERATE = ["constant", "huge voxels", "tiny slices", "repaired header"]
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_degenerate_volumes_are_refused_by_the_processor(tmp_path, case):
+    path, phrase = _degenerate(tmp_path, case)
+    _expect(path, phrase)
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_degenerate_volumes_are_refused_by_a_pipeline_and_the_cli(tmp_path, head_folders, case):
+    from transformers import pipeline
+
+    path, phrase = _degenerate(tmp_path, case)
+    age = pipeline("brain-age", model=str(head_folders["age"]), trust_remote_code=True)
+    with pytest.raises(BrainDinoInputError, match=phrase):
+        age(path)
+    result = subprocess.run([sys.executable, "-m", "braindino.train.cli", "predict", "brain-age", path, "--model",
+                             str(head_folders["age"]), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and f"{path}: " in result.stderr and phrase in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_complex_dtype(tmp_path):
