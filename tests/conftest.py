@@ -98,3 +98,32 @@ def head_folders(tmp_path_factory) -> dict:
     BrainDinoImageProcessor(size=128).save_pretrained(root / "backbone")
     folders["backbone"] = root / "backbone"
     return folders
+
+
+# The Hub's task ids (its `pipeline_tag` values, also valid model-index task types), from the Hub's published task
+# list (@huggingface/tasks PIPELINE_DATA); nothing offline ships them, so the ones our cards may use are listed.
+HUB_TASK_IDS = {"image-classification", "image-segmentation", "image-feature-extraction", "feature-extraction",
+                "object-detection", "depth-estimation", "tabular-regression", "tabular-classification", "other"}
+HUB_SPDX_LICENSES = {"mit", "apache-2.0", "cc-by-4.0", "cc-by-nc-4.0", "bsd-3-clause", "other"}
+
+
+def assert_hub_valid_card(path) -> dict:
+    """Parse a card with huggingface_hub's own readers (card metadata, then model-index → eval results) and check
+    what the Hub rejects: licence ids (`other` needs `license_name` and `license_link`), task ids, dataset entries."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert data.get("license") in HUB_SPDX_LICENSES, data.get("license")
+    if data["license"] == "other":
+        assert data.get("license_name") and data.get("license_link", "").startswith("https://"), data
+    assert data.get("pipeline_tag") in HUB_TASK_IDS, data.get("pipeline_tag")
+    if "model-index" in data:
+        name, results = model_index_to_eval_results(data["model-index"])
+        assert name and results
+        for result in results:
+            assert result.task_type in HUB_TASK_IDS, result.task_type
+            assert result.dataset_type and result.dataset_name and result.metric_type
+            assert isinstance(result.metric_value, (int, float))
+    return data

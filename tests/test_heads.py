@@ -14,6 +14,7 @@ import torch
 from braindino import BrainDinoForRegression
 from braindino.train.heads.feature_cache import FeatureCache, load_backbone
 from braindino.train.heads.config import HeadTrainingConfig
+from conftest import assert_hub_valid_card
 from braindino.train.heads.samples import Sample, evaluation_splits, subsample
 
 
@@ -71,6 +72,8 @@ def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_
     assert exported["train"] + exported["validation"] + exported["test"] == 10
 
     card = (out / "model" / "README.md").read_text()
+    metadata = assert_hub_valid_card(out / "model" / "README.md")
+    assert metadata["license"] == "mit" and metadata["pipeline_tag"] == "other" and "brain-age" in metadata["tags"]
     assert "not for clinical decisions" in card and "SYNTHETIC" in card
     assert f"value: {round(results['summary']['1.0']['mae']['mean'], 4)}" in card  # the real number, no placeholder
 
@@ -140,6 +143,7 @@ def test_survival_and_segmentation_heads_train_and_score(tmp_path, synthetic_cor
     assert run["test"] >= 1 and run["train_slices"] > 0 and results["samples"] == with_mask >= 3
     assert {"dice_whole_tumor", "hd95_whole_tumor", "dice_tumor_core", "dice_enhancing_tumor"} <= set(run["metrics"])
     assert all(0 <= run["metrics"][name] <= 1 for name in run["metrics"] if name.startswith("dice"))
+    assert assert_hub_valid_card(segmentation / "model" / "README.md")["pipeline_tag"] == "image-segmentation"
     model = AutoModelForSemanticSegmentation.from_pretrained(segmentation / "model")
     assert model.config.id2label[3] == "enhancing_tumor" and model.config.contrasts == ["flair"]
 

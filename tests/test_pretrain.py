@@ -20,6 +20,7 @@ from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.schedules import cosine_schedule, linear_then_constant
 from braindino.train.data.synthetic import write_synthetic_corpus
+from conftest import assert_hub_valid_card
 
 MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
                "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64}
@@ -290,3 +291,4 @@ def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path):
     card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()  # generated from this run's facts
     assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
     assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card
+    assert_hub_valid_card(tmp_path / "run" / "final" / "backbone" / "README.md")

@@ -14,6 +14,28 @@ TASK_CARDS = {
     "survival": ("brain-survival", "BrainDinoForRegression", "AutoModelForImageClassification"),
     "segmentation": ("brain-tumor-segmentation", "BrainDinoForSegmentation", "AutoModelForSemanticSegmentation"),
 }
+# The Hub's own task ids (pipeline_tag, model-index task types); our pipeline task names go in `tags`. The Hub has
+# no image-regression task, so regression and survival heads say `other` and carry a `regression` tag.
+HUB_TASKS = {"classification": "image-classification", "segmentation": "image-segmentation",
+             "regression": "other", "survival": "other"}
+# Weights started from natural-image DINOv3 are under Meta's DINOv3 License, which is not an SPDX licence.
+DINOV3_LICENSE = {"license": "other", "license_name": "dinov3-license",
+                  "license_link": "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"}
+
+
+def backbone_license(spec: str | None) -> dict:
+    """The licence metadata a head inherits from its backbone: a folder's own card where it has one, DINOv3's for
+    `dinov3:` weights, Apache-2.0 for `dinov2:`, MIT for random-initialised baselines and cards without one."""
+    kind = (spec or "").partition(":")[0]
+    if kind == "dinov3":
+        return dict(DINOV3_LICENSE)
+    if kind == "dinov2":
+        return {"license": "apache-2.0"}
+    card = Path(spec) / "README.md" if spec and kind != "random" else None
+    if card is not None and card.exists():
+        data = ModelCard.load(card).data.to_dict()
+        return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)} or {"license": "mit"}
+    return {"license": "mit"}
 METRIC_LIBRARIES = {
     "classification": "scikit-learn (AUROC, accuracy, balanced accuracy, macro-F1)",
     "regression": "scikit-learn (MAE, RMSE, R²) and SciPy (Pearson r)",
@@ -42,19 +64,23 @@ def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard
     pipeline_task, model_class, auto_class = TASK_CARDS[results["task"]]
     largest = max(results["summary"], key=float)
     dataset = "BrainDINO synthetic corpus (SYNTHETIC)" if results["synthetic_data"] else Path(results["labels"]).parent.name
+    hub_task = HUB_TASKS[results["task"]]
     eval_results = [
-        EvalResult(task_type=pipeline_task, dataset_type="braindino-synthetic" if results["synthetic_data"] else "custom",
+        EvalResult(task_type=hub_task, task_name=pipeline_task,
+                   dataset_type="braindino-synthetic" if results["synthetic_data"] else "custom",
                    dataset_name=dataset, metric_type=name, metric_value=round(values["mean"], 4),
                    metric_name=f"{name} ({float(largest):.0%} of labels, mean of {values['n']} runs)")
         for name, values in results["summary"][largest].items()
         if name in TABLE_METRICS and values["n"] > 0
     ]
-    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"]]
+    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"], pipeline_task]
+    if results["task"] in ("regression", "survival"):
+        tags.append("regression")
     if results["synthetic_data"]:
         tags.append("synthetic-data")
     model_name = f"BrainDINO {results['task']} head: {results['target']}"
-    card_data = ModelCardData(library_name="transformers", license="other", tags=tags, model_name=model_name,
-                              eval_results=eval_results)
+    card_data = ModelCardData(library_name="transformers", tags=tags, model_name=model_name, pipeline_tag=hub_task,
+                              eval_results=eval_results, **backbone_license(results["config"].get("backbone")))
     runs = results["runs"]
     exported = next((run for run in runs if results["exported_model"] and
                      f"fraction{run['label_fraction']:g}-fold{run['fold']}-seed{run['seed']}" == results["exported_model"]["run"]), runs[0])
@@ -110,19 +136,19 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
     init = recipe.get("init_from")
     init_format = recipe.get("init_format", "braindino")
     if init and init_format == "dinov3":
-        licence, licence_id = ("Started from natural-image DINOv3 weights, so these weights are under the DINOv3 "
-                               "License (Meta); the code is MIT."), "other"
+        licence, licence_metadata = ("Started from natural-image DINOv3 weights, so these weights are under the DINOv3 "
+                                     "License (Meta); the code is MIT."), dict(DINOV3_LICENSE)
     elif init and init_format == "dinov2":
-        licence, licence_id = "Started from DINOv2 weights (Apache-2.0); the code is MIT.", "apache-2.0"
+        licence, licence_metadata = "Started from DINOv2 weights (Apache-2.0); the code is MIT.", {"license": "apache-2.0"}
     else:
-        licence, licence_id = "Pretrained from scratch with this package; weights and code under MIT.", "mit"
+        licence, licence_metadata = "Pretrained from scratch with this package; weights and code under MIT.", {"license": "mit"}
     tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "self-supervised", "dinov3-style"]
     if synthetic:
         tags.append("synthetic-data")
     losses = run["losses"]
     model_name = f"BrainDINO-{recipe['preset']} backbone"
-    card_data = ModelCardData(library_name="transformers", license=licence_id, tags=tags, model_name=model_name,
-                              pipeline_tag="image-feature-extraction")
+    card_data = ModelCardData(library_name="transformers", tags=tags, model_name=model_name,
+                              pipeline_tag="image-feature-extraction", **licence_metadata)
     template = resources.files("braindino.model_cards").joinpath("backbone.md").read_text()
     sources = ", ".join(f"`{name}` ({counts['volumes']} volumes, {counts['slices']} slices)"
                         for name, counts in manifest["sources"].items())
