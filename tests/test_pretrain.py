@@ -292,3 +292,23 @@ def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path):
     assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
     assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card
     assert_hub_valid_card(tmp_path / "run" / "final" / "backbone" / "README.md")
+
+
+def test_diagnostics_show_the_uniform_state_and_its_absence():
+    """Identical images (the state CPU-scale runs start in: every CLS token the same) give uniform Sinkhorn-Knopp
+    targets: entropy log K, one argmax prototype, no CLS spread. Distinct images do not."""
+    _, model, _, batch, _, _ = _step_setup()
+    same = {**batch, "global_crops": batch["global_crops"][:1].expand_as(batch["global_crops"]).contiguous(),
+            "local_crops": batch["local_crops"][:1].expand_as(batch["local_crops"]).contiguous(),
+            "masks": batch["masks"][:1].expand_as(batch["masks"]).contiguous()}
+    model.eval()  # no RoPE augmentation: identical inputs give identical tokens
+    model(same, teacher_temperature=0.04)
+    uniform = {name: float(value) for name, value in model.last_diagnostics.items()}
+    assert uniform["teacher_cls_entropy"] == pytest.approx(uniform["log_num_prototypes"], abs=1e-4)
+    assert uniform["prototypes_used"] == 1 and uniform["student_cls_std"] < 1e-5
+    model(batch, teacher_temperature=0.04)
+    varied = {name: float(value) for name, value in model.last_diagnostics.items()}
+    assert varied["teacher_cls_entropy"] < uniform["log_num_prototypes"] - 0.1
+    assert varied["prototypes_used"] > 1 and varied["student_cls_std"] > 1e-3
+    assert varied["layerscale_mean_abs"] == pytest.approx(1.0)  # the micro model's LayerScale init, untrained
+    assert varied["prototype_condition_number"] >= 1.0

@@ -55,17 +55,28 @@ def segmentation_figure(scan: str, predicted_mask: str, reference_mask: str | No
 
 
 def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
-    """Total, DINO and iBOT loss per iteration from a pretraining run's `metrics.jsonl`."""
+    """From a pretraining run's `metrics.jsonl`: the DINO and iBOT losses per iteration with log K drawn (the value
+    of a uniform prediction), the total loss, and the teacher targets' entropies against log K (a run whose targets
+    stay at log K has not left the uniform state)."""
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines()]
-    figure = Figure(figsize=(6, 3.5))
-    axis = figure.subplots()
+    iterations = [record["iteration"] for record in records]
+    figure = Figure(figsize=(10, 3.6))
+    losses, entropies = figure.subplots(1, 2)
     for name in ("loss", "dino", "ibot"):
         if name in records[0]:
-            axis.plot([record["iteration"] for record in records], [record[name] for record in records], label=name)
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("loss")
-    axis.legend()
-    axis.set_title("pretraining (SYNTHETIC corpus)")
+            losses.plot(iterations, [record[name] for record in records], label=name)
+    log_k = records[0].get("log_num_prototypes")
+    for axis, names, title in ((losses, (), "losses"), (entropies, ("teacher_cls_entropy", "teacher_patch_entropy"),
+                                                         "teacher target entropy")):
+        for name in names:
+            if name in records[0]:
+                axis.plot(iterations, [record[name] for record in records], label=name.removeprefix("teacher_"))
+        if log_k is not None:
+            axis.axhline(log_k, color="grey", linestyle="--", label=f"log K = {log_k:.2f}")
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("nats")
+        axis.set_title(f"{title} (SYNTHETIC corpus)")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     return out

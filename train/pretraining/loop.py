@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -90,7 +91,8 @@ class RunLog:
         names = list(losses)
         means = self.accelerator.reduce(torch.stack([losses[name].detach().float() for name in names]), reduction="mean")
         self.images += (batch["global_crops"].shape[0] + batch["local_crops"].shape[0]) * self.accelerator.num_processes
-        record = {"iteration": iteration + 1, **dict(zip(names, means.tolist())),
+        values = {name: (None if math.isnan(value) else value) for name, value in zip(names, means.tolist())}
+        record = {"iteration": iteration + 1, **values,
                   "lr": float(self.schedules.lr[iteration]),
                   "teacher_momentum": float(self.schedules.teacher_momentum[iteration]),
                   "teacher_temperature": float(self.schedules.teacher_temperature[iteration]),
@@ -154,7 +156,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
         extra = {}
         if knn_monitor is not None and (iteration + 1) % config.knn_every == 0:
             extra["knn_balanced_accuracy"] = knn_monitor(accelerator.unwrap_model(model).teacher.braindino)
-        log(iteration, losses, grad_norm, batch, extra)
+        log(iteration, {**losses, **accelerator.unwrap_model(model).last_diagnostics}, grad_norm, batch, extra)
         out_of_time = log.out_of_time()
         if (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations or out_of_time:
             save_checkpoint(accelerator, config.output_dir, iteration + 1, batches.position, config.keep_checkpoints)

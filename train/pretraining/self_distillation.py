@@ -65,6 +65,7 @@ class SelfDistillation(nn.Module):
         self.loss_weights = {"dino": config.dino_loss_weight, "ibot": config.ibot_loss_weight,
                              "koleo": config.koleo_loss_weight, "gram": config.gram_loss_weight}
         self.num_global_crops = 2
+        self.last_diagnostics: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "SelfDistillation":
         super().train(mode)
@@ -105,7 +106,34 @@ class SelfDistillation(nn.Module):
             values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
         scales = {"koleo": self.num_global_crops}  # DINOv3's koleo_scale; every other term has scale 1
         values["loss"] = sum(self.loss_weights[name] * scales.get(name, 1) * value for name, value in values.items())
+        self.last_diagnostics = self.diagnostics(targets, global_output.cls_tokens)
         return values
+
+    @torch.no_grad()
+    def diagnostics(self, targets: dict, student_cls_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What shows a collapsed or uniform state while it happens (logged every step, this rank's batch):
+        the teacher targets' mean entropy (CLS and masked patches) against log K, how many prototypes are the
+        argmax of some teacher CLS target, the spread of the student's CLS tokens across the batch, the mean
+        |LayerScale| gain, and the condition number of the student's L2-normalised DINO prototype matrix."""
+        def entropy(probabilities: torch.Tensor) -> torch.Tensor:
+            if not len(probabilities):
+                return probabilities.new_tensor(float("nan"))
+            return -(probabilities * probabilities.clamp(min=1e-12).log()).sum(dim=-1).mean()
+
+        prototypes = torch.nn.functional.normalize(self.student.dino_head.prototypes.detach().float(), dim=-1)
+        eigenvalues = torch.linalg.eigvalsh(prototypes.T @ prototypes)  # [bottleneck], ascending
+        gains = [module.gamma.detach().abs().mean() for name, module in self.student.named_modules() if name.endswith("layer_scale1")
+                 or name.endswith("layer_scale2")]
+        num_prototypes = targets["cls"].shape[-1]
+        return {
+            "log_num_prototypes": targets["cls"].new_tensor(float(torch.log(torch.tensor(float(num_prototypes))))),
+            "teacher_cls_entropy": entropy(targets["cls"].float()),
+            "teacher_patch_entropy": entropy(targets["patches"].float()),
+            "prototypes_used": targets["cls"].argmax(dim=-1).unique().numel() * targets["cls"].new_ones(()),
+            "student_cls_std": student_cls_tokens.detach().float().std(dim=0).mean(),
+            "layerscale_mean_abs": torch.stack(gains).mean() if gains else targets["cls"].new_tensor(float("nan")),
+            "prototype_condition_number": (eigenvalues[-1] / eigenvalues[0].clamp(min=1e-12)).sqrt(),
+        }
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

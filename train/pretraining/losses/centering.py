@@ -27,7 +27,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     then scale columns to sum to 1. Sums over samples run over every rank.
     """
     logits = teacher_logits.float() / temperature
-    global_max = _all_reduce(logits.max().clone(), op=dist.ReduceOp.MAX)
+    # A rank with no rows (e.g. no masked patch in its batch) still joins every all-reduce and returns (0, K).
+    local_max = logits.max().clone() if logits.numel() else logits.new_tensor(float("-inf"))
+    global_max = _all_reduce(local_max, op=dist.ReduceOp.MAX)
     q = torch.exp(logits - global_max).T  # [K, B]; the shift cancels in the normalisations
     num_prototypes = q.shape[0]
     num_samples = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
