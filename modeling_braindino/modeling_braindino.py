@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -69,9 +68,9 @@ class BrainDinoSliceEmbeddings(ModelOutput):
 # --------------------------------------------------------------------------- position helpers
 
 
-@lru_cache(maxsize=32)
 def patch_center_coordinates(grid_height: int, grid_width: int, device: torch.device) -> torch.Tensor:
-    """(y, x) of each patch centre, row-major, normalised to [-1, 1]: `(grid_height * grid_width, 2)`."""
+    """(y, x) of each patch centre, row-major, normalised to [-1, 1]: `(grid_height * grid_width, 2)`. Recomputed
+    per forward (a few hundred values): no cache keyed on a device, so `torch.compile` traces it."""
     coords_y = (torch.arange(grid_height, dtype=torch.float32, device=device) + 0.5) / grid_height
     coords_x = (torch.arange(grid_width, dtype=torch.float32, device=device) + 0.5) / grid_width
     coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1).flatten(0, 1)  # [N, 2]

@@ -36,7 +36,7 @@ def test_push_then_pipeline_from_the_hub_id_then_offline(hub, tmp_path, syntheti
     results = {"task": "regression", "target": "age", "inputs": ["t1"], "backbone": "test backbone",
                "random_init": True, "labels": str(synthetic_corpus / "labels.csv"), "synthetic_data": True,
                "samples": 10, "protocol": "test", "config": {"learning_rate": 1e-3, "weight_decay": 1e-4,
-               "patience": 3, "max_epochs": 5, "label_fractions": [1.0], "folds": 1, "seeds": [0]},
+               "patience": 3, "min_epochs": 2, "max_epochs": 5, "label_fractions": [1.0], "folds": 1, "seeds": [0]},
                "summary": {"1.0": {"mae": {"mean": 9.5, "std": 0.0, "n": 1}}},
                "runs": [{"label_fraction": 1.0, "fold": 0, "seed": 0, "train": 6}],
                "exported_model": {"run": "fraction1-fold0-seed0"}}

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quickstart = commands.add_parser("quickstart", help="the main job, end to end on the embedded SYNTHETIC data")
     quickstart.add_argument("--out", default="outputs/quickstart")
-    quickstart.add_argument("--subjects", type=int, default=8)
+    quickstart.add_argument("--subjects", type=int, default=24, help="SYNTHETIC training subjects (heads need a few dozen)")
     quickstart.add_argument("--held-out", type=int, default=2)
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.add_argument("--pretrain-minutes", type=float, default=3.0, help="wall-time budget of the pretraining step")
@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # The library logs its progress (per-run lines of train-head and evaluate); the command line shows it.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.run(args)
 

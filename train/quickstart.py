@@ -53,7 +53,7 @@ def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers
     return {"manifest": manifest, "loader_samples": samples, "crops": crops}
 
 
-def run_quickstart(out_dir: str | Path, subjects: int = 8, held_out: int = 2, seed: int = 0, workers: int = 2,
+def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, seed: int = 0, workers: int = 2,
                    pretrain_minutes: float = 3.0) -> Path:
     """Run every stage into `out_dir`; return the report's path."""
     from braindino.example_data import write_mni152_t1
@@ -160,14 +160,28 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str,
     return heads
 
 
+BASELINES = {"mae": ("mae_mean_predictor", "predicting the training mean"),
+             "balanced_accuracy": ("balanced_accuracy_majority_class", "the majority class")}
+
+
 def head_report_lines(heads: dict[str, dict]) -> list[str]:
+    """One line per head: its score per label fraction (training subjects), next to the trivial baseline on the
+    same held-out subjects where the task has one."""
     lines = []
     for name, results in heads.items():
         metric = results["primary_metric"]
-        scores = ", ".join(f"{float(fraction):.0%} of labels: {summary[metric]['mean']:.3f}"
-                           for fraction, summary in results["summary"].items())
-        lines.append(f"- {name} head ({results['samples']} SYNTHETIC subjects, test split held out): {metric} {scores}; "
-                     f"exported to `{results['exported_model']['folder']}` with its model card")
+        baseline_metric, baseline_name = BASELINES.get(metric, (None, None))
+        scores = []
+        for fraction, summary in results["summary"].items():
+            text = (f"{float(fraction):.0%} of labels ({'/'.join(map(str, results['training_subjects'][fraction]))} "
+                    f"training subjects): {summary[metric]['mean']:.3f}")
+            if baseline_metric in summary:
+                text += f" against {summary[baseline_metric]['mean']:.3f} for {baseline_name}"
+            scores.append(text)
+        scores += [f"{float(fraction):.0%} of labels: {message}" for fraction, message in results["too_few_labels"].items()]
+        test_subjects = results["runs"][0]["test"] if results["runs"] else 0
+        lines.append(f"- {name} head ({results['samples']} SYNTHETIC subjects, {test_subjects} held out for testing): "
+                     f"{metric} " + "; ".join(scores) + f"; exported to `{results['exported_model']['folder']}` with its model card")
     return lines
 
 

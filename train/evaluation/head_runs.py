@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,8 @@ from braindino.train.heads.feature_cache import Backbone, FeatureCache, load_bac
 from braindino.train.heads.samples import Sample, evaluation_splits, minimum_training_subjects, read_samples, subsample
 from braindino.train.heads.segmentation import fit_segmentation_head
 from braindino.train.heads.volume import fit_volume_head
+
+logger = logging.getLogger(__name__)
 
 
 def json_safe(value):
@@ -63,7 +66,7 @@ def _readable_samples(samples: list[Sample], cache: FeatureCache, slice_batch_si
     index = cache.extract(sorted({path for sample in samples for path in sample.inputs}), slice_batch_size)
     unreadable = sorted({failure["source"] for failure in index["failed"]})
     if unreadable:
-        print(f"skipping {len(unreadable)} unreadable volumes: " + "; ".join(f["error"] for f in index["failed"]))
+        logger.warning("skipping %d unreadable volumes: %s", len(unreadable), "; ".join(f["error"] for f in index["failed"]))
     return [sample for sample in samples if not set(unreadable).intersection(sample.inputs)], unreadable
 
 
@@ -127,7 +130,7 @@ def train_heads(config: HeadTrainingConfig) -> dict:
                 (out / "runs" / f"{name}.json").write_text(json.dumps(json_safe(run), indent=2, allow_nan=False))
                 runs.append(run)
                 primary = PRIMARY_METRIC[config.task]
-                print(f"  {name}: train {run['train']} ({run['train_subjects']} subjects) / validation "
+                logger.info(f"  {name}: train {run['train']} ({run['train_subjects']} subjects) / validation "
                       f"{run['validation']} / test {run['test']}, {primary} {run['metrics'][primary]:.3f}, "
                       f"best epoch {run['best_epoch']} of {run['epochs']}, {run['train_seconds']:.1f} s")
                 if exported is None and fraction == largest and config.export:

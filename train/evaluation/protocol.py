@@ -18,6 +18,7 @@ split is used once. Outputs: one JSON per task × backbone × fraction × seed, 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from braindino.train.heads.config import HeadTrainingConfig
 from braindino.train.evaluation.reports import new_figure, plot_knn, plot_label_efficiency, write_tables
 from braindino.train.evaluation.statistics import bootstrap_interval, exact_mcnemar, knn_probe
 from braindino.train.heads.samples import evaluation_splits, read_samples
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationConfig:
@@ -115,7 +118,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
 
     backbones, rows, unreadable = {}, [], set()
     for name, head_config in head_configs.items():
-        print(f"backbone {name}:", flush=True)
+        logger.info(f"backbone {name}:")
         results = train_heads(head_config)
         unreadable.update(results["unreadable"])
         backbones[name] = {"description": results["backbone"], "summary": results["summary"]}
@@ -139,6 +142,8 @@ def run_evaluation(config: EvaluationConfig) -> dict:
                 "ci_high_mean": float(np.nanmean([high for _, high in intervals])) if intervals else None})
         rows += [{"backbone": name, "label_fraction": float(fraction), "runs": 0, "note": message}
                  for fraction, message in results["too_few_labels"].items()]
+    order = list(head_configs)
+    rows.sort(key=lambda row: (order.index(row["backbone"]), row["label_fraction"]))
 
     samples = [sample for sample in samples if not unreadable.intersection(sample.inputs)]  # the heads' subjects
     extras = {}
