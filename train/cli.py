@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The library logs its progress (per-run lines of train-head and evaluate); the command line shows it.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
+    for noisy in ("accelerate", "httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.run(args)
