@@ -138,23 +138,24 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
 
 
 def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str, dict]:
-    """A brain-age head (all labels and 50 %) and, where at least 3 subjects have a tumour, a segmentation head."""
+    """A brain-age head (all labels and 50 %, 3 seeds: with 6 test subjects one seed is noise) and, where at least 3
+    subjects have a tumour, a segmentation head (one seed: the slow task)."""
     import csv
 
     from braindino.train.evaluation.head_runs import train_heads
     from braindino.train.heads.config import HeadTrainingConfig
 
     labels = out_dir / "synthetic" / "labels.csv"
-    common = dict(labels=str(labels), backbone=backbone, seeds=[seed], num_slices=32)
+    common = dict(labels=str(labels), backbone=backbone, num_slices=32)
     heads = {"brain age": train_heads(HeadTrainingConfig(task="regression", inputs=["t1"], target="age",
-                                                         label_fractions=[0.5, 1.0], output_dir=str(out_dir / "heads" / "brain-age"),
-                                                         **common))}
+                                                         label_fractions=[0.5, 1.0], seeds=[seed, seed + 1, seed + 2],
+                                                         output_dir=str(out_dir / "heads" / "brain-age"), **common))}
     with open(labels) as handle:
         tumour_subjects = sum(1 for row in csv.DictReader(handle) if row["seg"])
     if tumour_subjects >= 3:
         heads["tumour segmentation"] = train_heads(HeadTrainingConfig(
             task="segmentation", inputs=["flair"], target="seg", max_epochs=8,
-            output_dir=str(out_dir / "heads" / "tumour-segmentation"), **common))
+            seeds=[seed], output_dir=str(out_dir / "heads" / "tumour-segmentation"), **common))
     else:
         print(f"  only {tumour_subjects} synthetic subjects have a tumour: no segmentation head (use --subjects 8 or more)")
     return heads
@@ -174,14 +175,16 @@ def head_report_lines(heads: dict[str, dict]) -> list[str]:
         scores = []
         for fraction, summary in results["summary"].items():
             text = (f"{float(fraction):.0%} of labels ({'/'.join(map(str, results['training_subjects'][fraction]))} "
-                    f"training subjects): {summary[metric]['mean']:.3f}")
+                    f"training subjects): {summary[metric]['mean']:.3f} ± {summary[metric]['std']:.3f} over "
+                    f"{summary[metric]['n']} seed(s)")
             if baseline_metric in summary:
                 text += f" against {summary[baseline_metric]['mean']:.3f} for {baseline_name}"
             scores.append(text)
         scores += [f"{float(fraction):.0%} of labels: {message}" for fraction, message in results["too_few_labels"].items()]
         test_subjects = results["runs"][0]["test"] if results["runs"] else 0
         lines.append(f"- {name} head ({results['samples']} SYNTHETIC subjects, {test_subjects} held out for testing): "
-                     f"{metric} " + "; ".join(scores) + f"; exported to `{results['exported_model']['folder']}` with its model card")
+                     f"{metric} " + "; ".join(scores) + f"; run `{results['exported_model']['run']}` exported to "
+                     f"`{results['exported_model']['folder']}` with its model card")
     return lines
 
 
