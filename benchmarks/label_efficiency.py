@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from braindino.train.evaluation.head_runs import train_heads
+from braindino.train.evaluation.metrics import TRIVIAL_BASELINES
 from braindino.train.heads.config import HeadTrainingConfig
 from braindino.train.data.synthetic import write_synthetic_corpus
 
@@ -92,10 +93,6 @@ def main() -> None:
                                                 for (name, label), (results, *_rest) in table.items()}, indent=2))
 
 
-BASELINE = {"mae": ("mae_mean_predictor", "training mean"),
-            "balanced_accuracy": ("balanced_accuracy_majority_class", "majority class")}
-
-
 def _row(name: str, fraction: float, table: dict) -> str:
     """One Markdown row: mean ± std over seeds per backbone, the trivial baseline (over the pretrained runs' test
     splits, the same subjects), and which backbone is better; a fraction too small for the task says so."""
@@ -109,7 +106,7 @@ def _row(name: str, fraction: float, table: dict) -> str:
         values = table[(name, label)][0]["summary"][key][metric]
         means[label] = values["mean"] if values["n"] else float("nan")
         cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined")
-    baseline_metric, baseline_name = BASELINE.get(metric, (None, "empty mask: 0"))
+    baseline_metric, baseline_name = TRIVIAL_BASELINES.get(metric, (None, "an empty mask: 0"))
     baseline = results["summary"][key].get(baseline_metric)
     cells.append(f"{baseline['mean']:.3f} ({baseline_name})" if baseline else baseline_name)
     better = "pretrained" if (means["pretrained"] > means["random init"]) == higher else "random init"

@@ -29,6 +29,11 @@ def small_config(**overrides) -> BrainDinoConfig:
                            layerscale_value=1.0, **overrides)
 
 
+# A micro pretraining model (2 blocks, width 64, 64 prototypes) as `model_overrides` of a recipe.
+MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+               "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64}
+
+
 @pytest.fixture
 def tiny_config() -> BrainDinoConfig:
     return small_config()

@@ -126,10 +126,10 @@ def test_total_loss_is_composed_as_dinov3_composes_it(masked_crops):
     from braindino.train.pretraining.recipe import PretrainConfig
     from braindino.train.pretraining.self_distillation import SelfDistillation, build_student
 
-    recipe = PretrainConfig(preset="tiny", model_overrides={
-        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-        "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64, "layerscale_value": 1.0,
-        "rope_rescale_coords": None})
+    from conftest import MICRO_MODEL
+
+    recipe = PretrainConfig(preset="tiny", model_overrides={**MICRO_MODEL, "layerscale_value": 1.0,
+                                                            "rope_rescale_coords": None})
     torch.manual_seed(0)
     model = SelfDistillation(build_student(recipe), recipe).train()
     masks = torch.zeros(4, 4, dtype=torch.bool)  # 2 global crops x batch 2, 2 x 2 patches each

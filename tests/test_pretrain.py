@@ -20,10 +20,8 @@ from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.schedules import cosine_schedule, linear_then_constant
 from braindino.train.data.synthetic import write_synthetic_corpus
-from conftest import assert_hub_valid_card
+from conftest import MICRO_MODEL, assert_hub_valid_card
 
-MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-               "head_hidden_size": 64, "head_bottleneck_size": 32, "num_prototypes": 64}
 
 
 def test_pretraining_model_round_trip_and_backbone_export(tmp_path):

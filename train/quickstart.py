@@ -161,17 +161,15 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str,
     return heads
 
 
-BASELINES = {"mae": ("mae_mean_predictor", "predicting the training mean"),
-             "balanced_accuracy": ("balanced_accuracy_majority_class", "the majority class")}
-
-
 def head_report_lines(heads: dict[str, dict]) -> list[str]:
     """One line per head: its score per label fraction (training subjects), next to the trivial baseline on the
     same held-out subjects where the task has one."""
+    from braindino.train.evaluation.metrics import TRIVIAL_BASELINES
+
     lines = []
     for name, results in heads.items():
         metric = results["primary_metric"]
-        baseline_metric, baseline_name = BASELINES.get(metric, (None, None))
+        baseline_metric, baseline_name = TRIVIAL_BASELINES.get(metric, (None, None))
         scores = []
         for fraction, summary in results["summary"].items():
             text = (f"{float(fraction):.0%} of labels ({'/'.join(map(str, results['training_subjects'][fraction]))} "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from braindino.train.evaluation.metrics import (
     PRIMARY_METRIC,
@@ -77,8 +77,8 @@ def score_volume_run(fit: dict, model, samples: list[Sample], test: np.ndarray, 
     if task == "classification":
         metrics = classification_metrics(targets.numpy(), logits.softmax(dim=1).numpy())
         predictions = [model.config.id2label[int(index)] for index in logits.argmax(dim=1)]
-        majority = torch.nn.functional.one_hot(torch.full_like(targets, fit.pop("majority_class")), logits.shape[1])
-        metrics["balanced_accuracy_majority_class"] = classification_metrics(targets.numpy(), majority.numpy())["balanced_accuracy"]
+        majority = np.full(len(targets), fit.pop("majority_class"))
+        metrics["balanced_accuracy_majority_class"] = float(balanced_accuracy_score(targets.numpy(), majority))
     elif task == "regression":
         metrics = regression_metrics(targets.numpy(), logits[:, 0].numpy())
         predictions = [round(float(value), 4) for value in logits[:, 0]]
@@ -131,8 +131,8 @@ def train_heads(config: HeadTrainingConfig) -> dict:
                 runs.append(run)
                 primary = PRIMARY_METRIC[config.task]
                 logger.info(f"  {name}: train {run['train']} ({run['train_subjects']} subjects) / validation "
-                      f"{run['validation']} / test {run['test']}, {primary} {run['metrics'][primary]:.3f}, "
-                      f"best epoch {run['best_epoch']} of {run['epochs']}, {run['train_seconds']:.1f} s")
+                            f"{run['validation']} / test {run['test']}, {primary} {run['metrics'][primary]:.3f}, "
+                            f"best epoch {run['best_epoch']} of {run['epochs']}, {run['train_seconds']:.1f} s")
                 if exported is None and fraction == largest and config.export:
                     exported = {"run": name, "folder": str(out / "model")}
                     _save_head(model, backbone, config, out / "model")

@@ -33,8 +33,8 @@ def feature_statistics(train_embeddings: torch.Tensor, pooling: str) -> tuple[li
         embeddings = embeddings.mean(dim=1) if embeddings.ndim == 3 else embeddings  # contrasts averaged
     else:
         embeddings = train_embeddings.float().flatten(0, -2)  # every slice of every training volume
-    mean, std = embeddings.mean(dim=0), embeddings.std(dim=0, unbiased=False) if len(embeddings) > 1 else None
-    std = torch.ones_like(mean) if std is None else torch.where(std > 0, std, torch.ones_like(std))
+    mean, std = embeddings.mean(dim=0), embeddings.std(dim=0, unbiased=False)  # one volume: std 0 → 1 below
+    std = torch.where(std > 0, std, torch.ones_like(std))
     return mean.tolist(), std.tolist()
 
 

@@ -8,6 +8,7 @@ is the whole training state apart from the optimiser, so a checkpoint is one `ac
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -126,7 +127,7 @@ class SelfDistillation(nn.Module):
                  or name.endswith("layer_scale2")]
         num_prototypes = targets["cls"].shape[-1]
         return {
-            "log_num_prototypes": targets["cls"].new_tensor(float(torch.log(torch.tensor(float(num_prototypes))))),
+            "log_num_prototypes": targets["cls"].new_tensor(math.log(num_prototypes)),
             "teacher_cls_entropy": entropy(targets["cls"].float()),
             "teacher_patch_entropy": entropy(targets["patches"].float()),
             "prototypes_used": targets["cls"].argmax(dim=-1).unique().numel() * targets["cls"].new_ones(()),
