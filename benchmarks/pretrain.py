@@ -6,6 +6,10 @@ A step = teacher forward on the 2 global crops, student forward on 2 global (iBO
 DINO + iBOT + KoLeo losses with Sinkhorn-Knopp targets, backward, schedules, gradient clipping, AdamW, EMA update:
 the loop's own `SelfDistillation` module, `build_optimizer` and `train_step`, exactly what `braindino pretrain` runs.
 
+Each precision (fp32, and bf16 autocast as `--mixed-precision bf16` runs it) is measured in its own child process
+(Accelerate fixes the precision once per process), ours and theirs interleaved inside it; the first step's losses
+from the same initial weights and batch show how far bf16 moves them from fp32.
+
     python benchmarks/pretrain.py                       # tiny and small, the tiny recipe's crops (112 / 48 px), batch 16
     python benchmarks/pretrain.py --presets small --global-size 224 --local-size 96 --local-crops 8 --batch 8
 """
@@ -13,7 +17,10 @@ the loop's own `SelfDistillation` module, `build_optimizer` and `train_step`, ex
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -23,6 +30,7 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, braindino_from_dinov3
+from braindino.precision import cpu_supports_bf16
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 from braindino.train.pretraining.loop import build_optimizer, train_step
 from braindino.train.pretraining.recipe import PretrainConfig
@@ -58,10 +66,10 @@ def build(which: str, preset: str) -> BrainDinoForPreTraining:
     return model
 
 
-def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
+def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig, precision: str = "no"):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
     recipe = PretrainConfig(iterations=1)
     model = SelfDistillation(build(which, preset), recipe).train()
     optimizer = build_optimizer(model.student, recipe)  # the loop's own optimiser (groups, fused AdamW)
@@ -73,27 +81,50 @@ def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig):
         "masks": MultiCropCollator(crops).masks(2 * batch_size),
     }
 
-    def step() -> float:
+    def step() -> tuple[float, dict]:
         started = time.perf_counter()
-        train_step(accelerator, model, optimizer, batch, schedules, 0, recipe.clip_grad)
-        return time.perf_counter() - started
+        losses, _ = train_step(accelerator, model, optimizer, batch, schedules, 0, recipe.clip_grad)
+        return time.perf_counter() - started, {name: float(value) for name, value in losses.items()}
 
     images = (2 + crops.local_crops_number) * batch_size
     return step, images
 
 
+def throughput_worker(preset: str, precision: str, batch: int, crops: MultiCropConfig, repeats: int) -> None:
+    """Child: ours and theirs interleaved at one precision; prints images/s and the first step's losses (JSON)."""
+    steps = {which: make_step(which, preset, batch, crops, precision) for which in ("ours", "theirs")}
+    first_losses = {which: steps[which][0]()[1] for which in steps}  # also the warm-up
+    times = {"ours": [], "theirs": []}
+    for _ in range(repeats):
+        for which in times:
+            times[which].append(steps[which][0]()[0])
+    print(json.dumps({"rate": {which: steps[which][1] / statistics.median(times[which]) for which in times},
+                      "first_losses": first_losses}))
+
+
+def _child_json(*arguments: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--global-size", type=int, default=112)
     parser.add_argument("--local-size", type=int, default=48)
     parser.add_argument("--local-crops", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "theirs", "throughput"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     crops = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size, local_crops_number=args.local_crops)
+    shape = ["--batch", str(args.batch), "--global-size", str(args.global_size), "--local-size", str(args.local_size),
+             "--local-crops", str(args.local_crops)]
 
+    if args.worker == "throughput":
+        throughput_worker(args.presets[0], args.precisions[0], args.batch, crops, args.repeats)
+        return
     if args.worker:
         step, _ = make_step(args.worker, args.presets[0], args.batch, crops)
         before = rss_mib()
@@ -103,24 +134,24 @@ def main() -> None:
         return
 
     print(f"pretraining step, batch {args.batch}: 2 x {args.global_size} px + {args.local_crops} x {args.local_size} px "
-          f"crops; CPU fp32 ({torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.repeats}")
+          f"crops; CPU ({torch.get_num_threads()} threads, bf16 matmuls native: {cpu_supports_bf16()}), torch "
+          f"{torch.__version__}, median of {args.repeats}; peak memory of fp32 steps")
     print()
-    print("| backbone | ours (images/s) | transformers DINOv3ViTModel (images/s) | throughput ratio ours / theirs | peak memory ours / theirs (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| backbone | precision | ours (images/s) | transformers DINOv3ViTModel (images/s) | throughput ratio ours / theirs | "
+          "ours vs ours fp32 | first-step loss (ours) | peak memory ours / theirs (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for preset in args.presets:
-        steps = {which: make_step(which, preset, args.batch, crops) for which in ("ours", "theirs")}
-        for step, _ in steps.values():
-            step()  # warm-up
-        times = {"ours": [], "theirs": []}
-        for _ in range(args.repeats):
-            for which in ("ours", "theirs"):
-                times[which].append(steps[which][0]())
-        rate = {which: steps[which][1] / statistics.median(times[which]) for which in times}
-        memory = {which: child_peak_increase(__file__, "--worker", which, "--presets", preset, "--batch", str(args.batch),
-                                             "--global-size", str(args.global_size), "--local-size", str(args.local_size),
-                                             "--local-crops", str(args.local_crops)) for which in ("ours", "theirs")}
-        print(f"| ViT-{preset} | {rate['ours']:.1f} | {rate['theirs']:.1f} | **{rate['ours'] / rate['theirs']:.3f}** | "
-              f"{memory['ours']:.0f} / {memory['theirs']:.0f} |")
+        memory = {which: child_peak_increase(__file__, "--worker", which, "--presets", preset, *shape)
+                  for which in ("ours", "theirs")}
+        measured = {precision: _child_json("--worker", "throughput", "--presets", preset, "--precisions", precision,
+                                           "--repeats", str(args.repeats), *shape) for precision in args.precisions}
+        reference = measured[args.precisions[0]]["rate"]["ours"]
+        for precision, result in measured.items():
+            rate, loss = result["rate"], result["first_losses"]["ours"]
+            print(f"| ViT-{preset} | {'fp32' if precision == 'no' else precision} | {rate['ours']:.1f} | "
+                  f"{rate['theirs']:.1f} | **{rate['ours'] / rate['theirs']:.3f}** | {rate['ours'] / reference:.3f} | "
+                  f"{loss['loss']:.5f} (DINO {loss['dino']:.5f}, iBOT {loss['ibot']:.5f}) | "
+                  f"{memory['ours']:.0f} / {memory['theirs']:.0f} |")
 
 
 if __name__ == "__main__":

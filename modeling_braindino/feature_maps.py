@@ -13,8 +13,9 @@ def patch_pca_rgb(backbone: BrainDinoModel, pixel_values: torch.Tensor, slice_ba
     the patches inside the brain of all slices, each scaled to [0, 1]: an RGB map `(S, H / 16, W / 16, 3)`
     (background patches black)."""
     patch_size = backbone.config.patch_size
-    patches = torch.cat([backbone(pixel_values[start : start + slice_batch_size]).patch_tokens
-                         for start in range(0, len(pixel_values), slice_batch_size)]).float()  # [S, N, D]
+    device = backbone.embeddings.patch_embeddings.weight.device
+    patches = torch.cat([backbone(pixel_values[start : start + slice_batch_size].to(device)).patch_tokens.float().cpu()
+                         for start in range(0, len(pixel_values), slice_batch_size)])  # [S, N, D]
     inside = torch.nn.functional.avg_pool2d((pixel_values[:, :1] != 0).float(), patch_size).flatten(1) > 0.5  # [S, N]
     tokens = patches[inside]
     mean = tokens.mean(dim=0)

@@ -119,21 +119,27 @@ class BrainDinoImageProcessor(BaseImageProcessor):
 
     # ------------------------------------------------------------------ forward
 
-    def normalize_intensity(self, data: np.ndarray) -> np.ndarray:
-        """Clip to percentiles of the non-zero voxels, z-score over them, keep the background at 0."""
-        foreground = data != 0
-        values = data[foreground]
+    def intensity_statistics(self, data: np.ndarray) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+        """(low, high, mean, std) of the non-zero voxels: the percentile clip range, then the clipped values' moments."""
+        values = data[data != 0]
         low, high = np.percentile(values, self.clip_percentiles)
         values = np.clip(values, low, high)
         std = values.std()
+        return low, high, values.mean(), (std if std > 0 else np.float32(1.0))
+
+    def normalize_intensity(self, data: np.ndarray, statistics: tuple | None = None) -> np.ndarray:
+        """Clip to percentiles of the non-zero voxels, z-score over them, keep the background at 0. `statistics`
+        (of the whole volume, `intensity_statistics`) lets a part of the volume be normalised exactly alike."""
+        low, high, mean, std = statistics if statistics is not None else self.intensity_statistics(data)
+        foreground = data != 0
         normalized = np.zeros_like(data, dtype=np.float32)
-        normalized[foreground] = (values - values.mean()) / (std if std > 0 else 1.0)
+        normalized[foreground] = (np.clip(data[foreground], low, high) - mean) / std
         return normalized
 
     def _slice_indices(self, ras_data: np.ndarray) -> list[int]:
         num_axial = ras_data.shape[2]
         if self.drop_empty_slices:
-            nonempty = np.flatnonzero(ras_data.reshape(-1, num_axial).any(axis=0))
+            nonempty = np.flatnonzero(ras_data.any(axis=(0, 1)))
             first, last = int(nonempty[0]), int(nonempty[-1])
         else:
             first, last = 0, num_axial - 1
@@ -163,13 +169,24 @@ class BrainDinoImageProcessor(BaseImageProcessor):
 
     def _ras_to_canvas(self, ras_data: np.ndarray, geometry: SliceGeometry, mode: str) -> torch.Tensor:
         """RAS volume → `(S, h, w)` canvas slices with the geometry's slices, resize and padding."""
-        axial = np.ascontiguousarray(np.rot90(ras_data[:, :, geometry.slice_indices], axes=(0, 1)).transpose(2, 0, 1))
+        return self._axial_to_canvas(ras_data[:, :, geometry.slice_indices], geometry, mode)
+
+    @staticmethod
+    def _axial_to_canvas(axial_stack: np.ndarray, geometry: SliceGeometry, mode: str) -> torch.Tensor:
+        """The geometry's RAS axial slices `(x, y, S)` → `(S, H, W)` canvas: rotated, all resized in one call, padded."""
+        axial = np.ascontiguousarray(np.rot90(axial_stack, axes=(0, 1)).transpose(2, 0, 1))
         slices = torch.from_numpy(axial).unsqueeze(1)  # [S, 1, rows, cols]
         slices = _resize(slices, geometry.resized_shape, mode)  # [S, 1, h, w]
         top, left = geometry.pad_offset
         height, width = geometry.canvas_shape
         bottom, right = height - top - slices.shape[-2], width - left - slices.shape[-1]
         return F.pad(slices, (left, right, top, bottom))[:, 0]  # [S, H, W]
+
+    def _normalized_canvas(self, ras_data: np.ndarray, geometry: SliceGeometry) -> torch.Tensor:
+        """Intensity-normalised canvas slices; statistics over the whole volume, arithmetic on the used slices only."""
+        statistics = self.intensity_statistics(ras_data)
+        used = self.normalize_intensity(ras_data[:, :, geometry.slice_indices], statistics)
+        return self._axial_to_canvas(used, geometry, mode="bilinear")
 
     def _load_ras(self, source: VolumeSource, affine: np.ndarray | None, name: str | None):
         """Load and validate one volume; return it with its data and voxel sizes in RAS axis order."""
@@ -183,12 +200,18 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         self, source: VolumeSource, affine: np.ndarray | None = None, name: str | None = None
     ) -> tuple[torch.Tensor, SliceGeometry]:
         """One volume → `pixel_values` `(S, C, H, W)` and its `SliceGeometry`."""
+        slices, geometry = self.preprocess_volume_slices(source, affine=affine, name=name)
+        return slices.unsqueeze(1).expand(-1, self.num_channels, -1, -1).contiguous(), geometry  # [S, C, H, W]
+
+    def preprocess_volume_slices(
+        self, source: VolumeSource, affine: np.ndarray | None = None, name: str | None = None
+    ) -> tuple[torch.Tensor, SliceGeometry]:
+        """One volume → its grey slices `(S, H, W)` (one channel: what a data loader should hand over; the model's
+        `encode_slices` repeats it to the channels on its device) and its `SliceGeometry`."""
         volume, ras_data, ras_zooms = self._load_ras(source, affine, name)
         geometry = self._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
         geometry.non_finite_voxels = volume.non_finite_voxels
-        slices = self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear")
-        pixel_values = slices.unsqueeze(1).expand(-1, self.num_channels, -1, -1).contiguous()  # [S, C, H, W]
-        return pixel_values, geometry
+        return self._normalized_canvas(ras_data, geometry), geometry
 
     @staticmethod
     def resolve_contrasts(inputs, contrasts: list[str] | None) -> list:
@@ -233,7 +256,7 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         union = np.max([np.abs(ras_data) for _, ras_data, _ in loaded], axis=0)
         geometry = self._plan(reference.name, union, loaded[0][2], reference.data.shape, reference.affine)
         geometry.non_finite_voxels = sum(volume.non_finite_voxels for volume, _, _ in loaded)
-        contrasts = [self._ras_to_canvas(self.normalize_intensity(ras_data), geometry, mode="bilinear") for _, ras_data, _ in loaded]
+        contrasts = [self._normalized_canvas(ras_data, geometry) for _, ras_data, _ in loaded]
         return torch.stack(contrasts, dim=1), geometry  # [S, M, H, W]
 
     def __call__(

@@ -435,12 +435,16 @@ class BrainDinoModel(BrainDinoPreTrainedModel):
 
     @torch.inference_mode()
     def encode_slices(self, pixel_values: torch.Tensor, slice_batch_size: int = 32) -> BrainDinoSliceEmbeddings:
-        """Encode one volume's slices `(S, C, H, W)` in batches of `slice_batch_size`, keeping memory bounded:
-        returns the CLS token and the mean patch token of every slice."""
+        """Encode one volume's slices `(S, C, H, W)` — or grey slices `(S, H, W)`, repeated to the model's channels
+        on its device — in batches of `slice_batch_size`, keeping memory bounded: returns the CLS token and the
+        mean patch token of every slice (on the model's device, in its dtype)."""
         cls_tokens, patch_means = [], []
-        device = self.embeddings.patch_embeddings.weight.device
+        weight = self.embeddings.patch_embeddings.weight
         for start in range(0, pixel_values.shape[0], slice_batch_size):
-            output = self(pixel_values[start : start + slice_batch_size].to(device))
+            batch = pixel_values[start : start + slice_batch_size].to(weight.device, weight.dtype, non_blocking=True)
+            if batch.ndim == 3:
+                batch = batch.unsqueeze(1).expand(-1, self.config.num_channels, -1, -1)
+            output = self(batch)
             cls_tokens.append(output.pooler_output)
             patch_means.append(output.patch_tokens.mean(dim=1))
         return BrainDinoSliceEmbeddings(cls_tokens=torch.cat(cls_tokens), patch_means=torch.cat(patch_means))

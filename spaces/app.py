@@ -4,6 +4,9 @@ backbone's patch features (the paper's representation analysis).
 
     python spaces/app.py                                   # models named in spaces/models.json
     BRAINDINO_SPACE_CONFIG=my_models.json python spaces/app.py
+    python spaces/app.py --device cuda --dtype bfloat16    # or BRAINDINO_DEVICE / BRAINDINO_DTYPE (Space variables)
+
+Device and precision default to `auto` (`braindino.precision`: the GPU if any; bfloat16 where the hardware has it).
 
 Models are local folders or Hub ids; an entry left out (or null) hides nothing but answers that it is not
 configured. Uploads are limited to .nii / .nii.gz files of at most MAX_UPLOAD; a bad file gets a readable
@@ -24,6 +27,7 @@ import numpy as np
 from braindino import BrainDinoInputError
 from braindino.feature_maps import patch_pca_rgb
 from braindino.pipelines import load_pipeline
+from braindino.precision import DTYPES, resolve_device, resolve_dtype
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD = "256mb"
@@ -42,6 +46,7 @@ def load_config() -> dict[str, str | None]:
 
 
 CONFIG = load_config()
+RUNTIME = {"device": os.environ.get("BRAINDINO_DEVICE", "auto"), "dtype": os.environ.get("BRAINDINO_DTYPE", "auto")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +54,8 @@ def pipeline_for(entry: str):
     model = CONFIG.get(entry)
     if not model:
         raise gr.Error(f"No {entry.replace('_', ' ')} model is configured for this Space (see spaces/models.json).")
-    return load_pipeline(TASKS[entry], model)
+    device = resolve_device(RUNTIME["device"])
+    return load_pipeline(TASKS[entry], model, device=device, dtype=resolve_dtype(RUNTIME["dtype"], device))
 
 
 def _path(file) -> str:
@@ -212,4 +218,10 @@ def build_demo() -> gr.Blocks:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the BrainDINO demo")
+    parser.add_argument("--device", default=RUNTIME["device"], help="cpu, cuda, ... (default auto)")
+    parser.add_argument("--dtype", default=RUNTIME["dtype"], choices=["auto", *DTYPES])
+    RUNTIME.update(vars(parser.parse_args()))
     build_demo().launch(max_file_size=MAX_UPLOAD, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from braindino import BrainDinoForRegression
+from braindino.precision import dtype_name, resolve_dtype
 from braindino.train.heads.feature_cache import FeatureCache, load_backbone
 from braindino.train.heads.config import HeadTrainingConfig
 from conftest import assert_hub_valid_card
@@ -82,7 +83,9 @@ def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_
     with open(synthetic_corpus / "labels.csv") as handle:
         paths = {row["subject"]: str((synthetic_corpus / row["t1"]).resolve()) for row in csv.DictReader(handle)}
     subjects = sorted(exported["test_predictions"])
-    cache = FeatureCache(out / "feature-cache", load_backbone(preset="tiny", num_slices=8, size=64))
+    # the CLI's default precision is auto (bf16 on CPUs with AVX512-BF16, as here); the cache and results say which
+    assert results["backbone_dtype"] == dtype_name(resolve_dtype("auto", "cpu"))
+    cache = FeatureCache(out / "feature-cache", load_backbone(preset="tiny", num_slices=8, size=64, dtype=results["backbone_dtype"]))
     torch.save(cache.slice_embeddings([paths[subject] for subject in subjects]), tmp_path / "embeddings.pt")
     expected = [exported["test_predictions"][subject] for subject in subjects]
     for blocked in (False, True):

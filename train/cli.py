@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _extract_features(args: argparse.Namespace) -> int:
     from braindino.example_data import write_mni152_t1
-    from braindino.train.heads.feature_cache import extract_features, load_backbone
+    from braindino.train.heads.feature_cache import extract_features, load_backbone, process_state
 
     paths = list(args.files)
     if args.example == "mni152":
@@ -18,9 +18,14 @@ def _extract_features(args: argparse.Namespace) -> int:
     if not paths:
         print("braindino extract-features: give NIfTI files or --example mni152", file=sys.stderr)
         return 2
-    backbone = load_backbone(args.model, None if args.model else args.preset, num_slices=args.num_slices)
-    print(f"model: {backbone.description}")
-    summary = extract_features(paths, backbone, args.out, slice_batch_size=args.slice_batch_size)
+    backbone = load_backbone(args.model, None if args.model else args.preset, num_slices=args.num_slices,
+                             size=args.size, device=args.device, dtype=args.dtype)
+    main_process = process_state(backbone).is_main_process  # under `accelerate launch`, one process reports
+    if main_process:
+        print(f"model: {backbone.description} on {backbone.device} in {str(backbone.dtype).removeprefix('torch.')}")
+    summary = extract_features(paths, backbone, args.out, slice_batch_size=args.slice_batch_size, workers=args.workers)
+    if not main_process:
+        return 1 if summary["failed"] else 0
     for volume in summary["volumes"]:
         print(f"  {volume['source']}: {volume['num_slices']} slices → {volume['features']}")
     for failure in summary["failed"]:
@@ -87,7 +92,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers,
-                   pretrain_minutes=args.pretrain_minutes)
+                   pretrain_minutes=args.pretrain_minutes, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -100,7 +105,8 @@ def _train_head(args: argparse.Namespace) -> int:
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
         label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
         size=args.size, target_transform=args.target_transform, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
-        batch_size=args.batch_size, export=not args.no_export,
+        batch_size=args.batch_size, export=not args.no_export, device=args.device, dtype=args.dtype,
+        loader_workers=args.workers,
     )
     print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
     results = train_heads(config)
@@ -121,7 +127,7 @@ def _train_head(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
-    summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device,
+    summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device, dtype=args.dtype,
                             slice_batch_size=args.slice_batch_size)
     for path in summary["written"]:
         print(f"  wrote {path}")
@@ -137,7 +143,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
                               seeds=args.seeds, num_slices=args.num_slices, size=args.size,
                               target_transform=args.target_transform, knn_ks=args.knn_ks,
-                              bootstrap=args.bootstrap, output_dir=args.out)
+                              bootstrap=args.bootstrap, output_dir=args.out, device=args.device, dtype=args.dtype,
+                              loader_workers=args.workers)
     run_evaluation(config)
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/evaluation.json, table.md, table.csv, results/*.json and plots")
@@ -182,12 +189,23 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--init-from", help="BrainDINO pretraining folder, or DINOv3/DINOv2 weights (see --init-format)")
     parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
+                        help="autocast precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else no)")
     parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
     parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     parser.add_argument("--knn-labels", help="k-NN monitor: CSV of labelled volumes (columns image, contrast by default)")
     parser.add_argument("--knn-every", type=int, help="k-NN monitor interval in iterations (default 100)")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser, loader_workers: bool = True) -> None:
+    """Where and in which precision the backbone runs (`braindino.precision`), and the volume loader's processes."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: this process's GPU if any, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone precision (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
+    if loader_workers:
+        parser.add_argument("--workers", type=int, default=0,
+                            help="DataLoader processes reading and preprocessing volumes (0: in the main process)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.add_argument("--pretrain-minutes", type=float, default=3.0, help="wall-time budget of the pretraining step")
     quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    _add_runtime_arguments(quickstart, loader_workers=False)
     quickstart.set_defaults(run=_quickstart)
 
     extract = commands.add_parser("extract-features", help="encode NIfTI volumes with a frozen backbone")
@@ -210,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised preset (tiny/small/base/large)")
     extract.add_argument("--example", choices=["mni152"], help="also encode a bundled real volume (nilearn's MNI152 T1 template)")
     extract.add_argument("--num-slices", type=int, default=None, help="resample to this many axial slices (the paper: 128)")
+    extract.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
     extract.add_argument("--slice-batch-size", type=int, default=32)
+    _add_runtime_arguments(extract)
     extract.set_defaults(run=_extract_features)
 
     synth = commands.add_parser("synth", help="write a labelled SYNTHETIC corpus built on real MNI152 anatomy")
@@ -268,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--min-epochs", type=int, default=None, help="never stop before this epoch (default 30; 4)")
     head.add_argument("--batch-size", type=int, default=16)
     head.add_argument("--no-export", action="store_true", help="do not write the model folder")
+    _add_runtime_arguments(head)
     head.set_defaults(run=_train_head)
 
     from braindino.pipelines import PIPELINE_TASKS
@@ -277,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", help="scan.nii.gz, or t1=a.nii.gz,flair=b.nii.gz for multi-contrast heads")
     predict.add_argument("--model", required=True, help="a head folder (train-head's OUT/model) or Hub id")
     predict.add_argument("--out", default="outputs/predictions")
-    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument("--slice-batch-size", type=int, default=32)
+    _add_runtime_arguments(predict, loader_workers=False)
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser("evaluate", help="the paper's frozen protocol for several backbones: tables, plots, tests")
@@ -297,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--knn-ks", type=int, nargs="+", default=[1, 3, 5, 10, 20, 50])
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per run")
     evaluate.add_argument("--out", default="outputs/evaluate")
+    _add_runtime_arguments(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     push = commands.add_parser("push-to-hub", help="upload a saved folder (head export or backbone) to the Hub")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from braindino import BrainDinoInputError
 from braindino.pipelines import load_pipeline
+from braindino.precision import dtype_name, resolve_device, resolve_dtype
 
 
 def parse_input(argument: str) -> str | dict[str, str]:
@@ -36,14 +37,16 @@ def _jsonable(value):
     return value
 
 
-def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = None,
-                  slice_batch_size: int = 32) -> dict:
-    """Predict each input; return `{"written": [...], "failed": [{"source", "error"}]}`."""
+def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = "cpu",
+                  dtype: str | None = "float32", slice_batch_size: int = 32) -> dict:
+    """Predict each input (on `device` in `dtype`; "auto" for either: `braindino.precision`); return
+    `{"written": [...], "failed": [{"source", "error"}]}`."""
     import nibabel as nib
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(task, model, device=device)
+    device = resolve_device(device)
+    pipe = load_pipeline(task, model, device=device, dtype=resolve_dtype(dtype, device))
     summary = {"written": [], "failed": []}
     for argument in tqdm(inputs, desc=task, unit="volume"):
         source = parse_input(argument)
@@ -53,7 +56,8 @@ def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path,
             summary["failed"].append({"source": argument, "error": str(error)})
             continue
         name = _output_name(source)
-        record = {"task": task, "model": model, "source": source}
+        record = {"task": task, "model": model, "source": source, "device": str(device),
+                  "dtype": dtype_name(pipe.model.dtype)}
         if task == "brain-tumor-segmentation":
             mask_path = out_dir / f"{name}_seg.nii.gz"
             nib.save(result.pop("mask"), mask_path)

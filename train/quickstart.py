@@ -54,8 +54,9 @@ def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers
 
 
 def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, seed: int = 0, workers: int = 2,
-                   pretrain_minutes: float = 3.0) -> Path:
-    """Run every stage into `out_dir`; return the report's path."""
+                   pretrain_minutes: float = 3.0, device: str = "auto", dtype: str = "auto") -> Path:
+    """Run every stage into `out_dir`; return the report's path. `device`/`dtype`: where and in which precision the
+    frozen backbone encodes for the features, heads and pipelines (`braindino.precision`)."""
     from braindino.example_data import write_mni152_t1
     from braindino.train.data.synthetic import CONTRASTS
     from braindino.train.heads.feature_cache import extract_features, load_backbone
@@ -77,17 +78,18 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
 
     started = _step(5, TOTAL_STEPS, "frozen features of held-out scans and the MNI152 template, pretrained backbone")
     held_out_scans = sorted((out_dir / "synthetic-heldout").glob(f"*/*_{CONTRASTS[0]}.nii.gz"))
-    facts["backbone"] = backbone = load_backbone(trained["backbone"], num_slices=128)
-    facts["features"] = extract_features(held_out_scans + [write_mni152_t1(out_dir / "inputs")], backbone, out_dir / "features")
+    facts["backbone"] = backbone = load_backbone(trained["backbone"], num_slices=128, device=device, dtype=dtype)
+    facts["features"] = extract_features(held_out_scans + [write_mni152_t1(out_dir / "inputs")], backbone, out_dir / "features",
+                                         workers=workers)
     timings["feature extraction"] = time.perf_counter() - started
 
     started = _step(6, TOTAL_STEPS, "task heads on the frozen backbone: brain age (T1) and tumour segmentation (FLAIR)")
-    facts["heads"] = heads = train_quickstart_heads(out_dir, trained["backbone"], seed)
+    facts["heads"] = heads = train_quickstart_heads(out_dir, trained["backbone"], seed, device=device, dtype=dtype)
     timings["task heads"] = time.perf_counter() - started
 
     started = _step(7, TOTAL_STEPS, "pipelines on a held-out scan (NIfTI in, results and mask NIfTI out)")
     subject_dir = held_out_scans[0].parent
-    facts["predictions"] = run_quickstart_pipelines(out_dir, heads, trained["backbone"], subject_dir)
+    facts["predictions"] = run_quickstart_pipelines(out_dir, heads, trained["backbone"], subject_dir, device, dtype)
     facts["pictures"] = report_pictures(out_dir, trained["backbone"], heads, subject_dir)
     facts["space_config"] = write_space_config(out_dir, heads, trained["backbone"], next(subject_dir.glob("*_flair.nii.gz")))
     timings["pipelines"] = time.perf_counter() - started
@@ -115,7 +117,8 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
         f"- pretraining: {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
         f"{losses[0]:.3f} → {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}); "
         f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
-        f"- features ({facts['backbone'].description}): "
+        f"- features ({facts['backbone'].description}, on {facts['backbone'].device} in "
+        f"{facts['features']['dtype']}): "
         + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in facts["features"]["volumes"]),
         *head_report_lines(facts["heads"]),
         *[f"- `{task}` on `{name}`: {summary}" for task, (name, summary) in facts["predictions"].items()],
@@ -137,7 +140,7 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
     return report
 
 
-def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str, dict]:
+def train_quickstart_heads(out_dir: Path, backbone: str, seed: int, device: str = "auto", dtype: str = "auto") -> dict[str, dict]:
     """A brain-age head (all labels and 50 %, 3 seeds: with 6 test subjects one seed is noise) and, where at least 3
     subjects have a tumour, a segmentation head (one seed: the slow task)."""
     import csv
@@ -146,7 +149,7 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int) -> dict[str,
     from braindino.train.heads.config import HeadTrainingConfig
 
     labels = out_dir / "synthetic" / "labels.csv"
-    common = dict(labels=str(labels), backbone=backbone, num_slices=32)
+    common = dict(labels=str(labels), backbone=backbone, num_slices=32, device=device, dtype=dtype)
     heads = {"brain age": train_heads(HeadTrainingConfig(task="regression", inputs=["t1"], target="age",
                                                          label_fractions=[0.5, 1.0], seeds=[seed, seed + 1, seed + 2],
                                                          output_dir=str(out_dir / "heads" / "brain-age"), **common))}
@@ -186,7 +189,8 @@ def head_report_lines(heads: dict[str, dict]) -> list[str]:
     return lines
 
 
-def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path) -> dict:
+def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path,
+                             device: str = "auto", dtype: str = "auto") -> dict:
     """Every pipeline whose head exists, on one held-out subject, through `braindino predict`'s code path."""
     from .predict import predict_files
 
@@ -197,7 +201,7 @@ def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: st
         jobs["brain-tumor-segmentation"] = (heads["tumour segmentation"]["exported_model"]["folder"], scans["flair"])
     summaries = {}
     for task, (model, scan) in jobs.items():
-        written = predict_files(task, model, [scan], out_dir / "predictions" / task)["written"]
+        written = predict_files(task, model, [scan], out_dir / "predictions" / task, device=device, dtype=dtype)["written"]
         result = json.loads(Path(written[0]).read_text())
         if task == "brain-age":
             text = f"predicted age {result['result']['age']:.1f} years from {result['result']['num_slices']} slices"

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
+from braindino.precision import dtype_name
 from braindino.train.evaluation.metrics import (
     PRIMARY_METRIC,
     brats_metrics,
@@ -61,9 +62,10 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def _readable_samples(samples: list[Sample], cache: FeatureCache, slice_batch_size: int) -> tuple[list[Sample], list[str]]:
+def _readable_samples(samples: list[Sample], cache: FeatureCache, config: HeadTrainingConfig) -> tuple[list[Sample], list[str]]:
     """Encode every volume into the cache; drop the samples with an unreadable volume (reported, never fatal)."""
-    index = cache.extract(sorted({path for sample in samples for path in sample.inputs}), slice_batch_size)
+    index = cache.extract(sorted({path for sample in samples for path in sample.inputs}), config.slice_batch_size,
+                          workers=config.loader_workers)
     unreadable = sorted({failure["source"] for failure in index["failed"]})
     if unreadable:
         logger.warning("skipping %d unreadable volumes: %s", len(unreadable), "; ".join(f["error"] for f in index["failed"]))
@@ -110,11 +112,11 @@ def train_heads(config: HeadTrainingConfig) -> dict:
     subject_task = config.task != "segmentation"
     backbone = load_backbone(config.backbone, None if config.backbone else config.preset,
                              num_slices=config.num_slices if subject_task else None, size=config.size,
-                             seed=config.backbone_seed)
+                             seed=config.backbone_seed, device=config.device, dtype=config.dtype)
     cache, unreadable = None, []
     if subject_task:
         cache = FeatureCache(config.cache_dir or out / "feature-cache", backbone)
-        samples, unreadable = _readable_samples(samples, cache, config.slice_batch_size)
+        samples, unreadable = _readable_samples(samples, cache, config)
     runs, exported, too_few = [], None, {}
     largest = max(config.label_fractions)
     for seed in config.seeds:
@@ -142,6 +144,8 @@ def train_heads(config: HeadTrainingConfig) -> dict:
         "inputs": list(config.inputs),
         "backbone": backbone.description,
         "random_init": backbone.random_init,
+        "backbone_device": str(backbone.device),
+        "backbone_dtype": dtype_name(backbone.dtype),
         "labels": str(config.labels),
         "synthetic_data": synthetic,
         "samples": len(samples),

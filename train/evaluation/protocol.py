@@ -51,6 +51,9 @@ class EvaluationConfig:
     knn_ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     bootstrap: int = 1000
     output_dir: str = "outputs/evaluate"
+    device: str = "cpu"  # where the backbones encode ("auto": braindino.precision)
+    dtype: str = "float32"  # the backbones' precision; every backbone of one evaluation runs in the same one
+    loader_workers: int = 0
 
 
 def backbone_name(spec: str) -> str:
@@ -73,7 +76,8 @@ def _head_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTraining
         task=config.task, labels=config.labels, inputs=config.inputs, target=config.target, event=config.event,
         output_dir=str(out / "runs" / name), cache_dir=str(out / "feature-cache" / name),
         label_fractions=config.label_fractions, seeds=config.seeds, num_slices=config.num_slices, size=config.size,
-        target_transform=config.target_transform, export=False, **source,
+        target_transform=config.target_transform, export=False, device=config.device, dtype=config.dtype,
+        loader_workers=config.loader_workers, **source,
     )
 
 
@@ -171,7 +175,8 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     correct = {}
     for name, head_config in head_configs.items():
         backbone = load_backbone(head_config.backbone, None if head_config.backbone else head_config.preset,
-                                 num_slices=config.num_slices, seed=head_config.backbone_seed, size=config.size)
+                                 num_slices=config.num_slices, seed=head_config.backbone_seed, size=config.size,
+                                 device=config.device, dtype=config.dtype)
         cache = FeatureCache(head_config.cache_dir, backbone)
         per_contrast = [cache.slice_embeddings([sample.inputs[contrast] for sample in samples]).mean(dim=1)
                         for contrast in range(len(config.inputs))]  # [V, D] each

@@ -40,6 +40,9 @@ class HeadTrainingConfig:
     min_epochs: int | None = None  # no early stop before this epoch: early noise cannot end a run
     plateau_patience: int | None = None  # epochs without improvement before the lr is halved
     slice_batch_size: int = 32
+    device: str = "cpu"  # where the frozen backbone encodes ("auto": braindino.precision); heads on cached features train on the CPU
+    dtype: str = "float32"  # the backbone's precision ("auto", float32, bfloat16, float16); recorded in the cache and results
+    loader_workers: int = 0  # DataLoader processes reading and preprocessing volumes for the feature cache
     export: bool = True
 
     def __post_init__(self):

