@@ -1,4 +1,5 @@
-"""Representation analysis: PCA maps of patch features, as in the paper's analyses (and the Space's PCA tab)."""
+"""Representation analysis, as in the paper's analyses and the Space: PCA maps of patch features and the CLS token's
+attention map."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def patch_pca_rgb(backbone: BrainDinoModel, pixel_values: torch.Tensor, slice_ba
     rgb[~inside] = 0
     height, width = (size // patch_size for size in pixel_values.shape[-2:])
     return rgb.unflatten(1, (height, width))  # [S, h, w, 3]
+
+
+@torch.inference_mode()
+def cls_attention_map(backbone: BrainDinoModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Where the CLS token looks: its attention to the patches in the last block, averaged over heads, registers
+    excluded, each slice's map scaled to [0, 1]: `(S, H / 16, W / 16)` for slices `(S, C, H, W)`."""
+    device = backbone.embeddings.patch_embeddings.weight.device
+    attentions = backbone(pixel_values.to(device), output_attentions=True).attentions[-1].float().cpu()  # [S, heads, T, T]
+    to_patches = attentions[:, :, 0, backbone.config.num_prefix_tokens :].mean(dim=1)  # [S, N]
+    low, high = to_patches.min(dim=1, keepdim=True).values, to_patches.max(dim=1, keepdim=True).values
+    scaled = (to_patches - low) / (high - low).clamp(min=1e-12)
+    patch_size = backbone.config.patch_size
+    return scaled.unflatten(1, (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size))

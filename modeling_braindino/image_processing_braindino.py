@@ -10,6 +10,7 @@ back onto the input's own grid and affine (`to_input_grid`), and a label volume 
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 
@@ -212,6 +213,23 @@ class BrainDinoImageProcessor(BaseImageProcessor):
         geometry = self._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
         geometry.non_finite_voxels = volume.non_finite_voxels
         return self._normalized_canvas(ras_data, geometry), geometry
+
+    def native_slices(self, source: VolumeSource, affine: np.ndarray | None = None) -> tuple[np.ndarray, SliceGeometry]:
+        """For display: the intensity-normalised axial slices of the non-empty range at the input's own resolution
+        `(S, rows, cols)` (no resize, no padding), oriented like model slices, and the geometry (`num_slices` ignored,
+        so slice `k` here is model slice `k` of a segmentation pipeline)."""
+        volume, ras_data, ras_zooms = self._load_ras(source, affine, None)
+        every_slice = copy.copy(self)
+        every_slice.num_slices = None
+        geometry = every_slice._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
+        return self.to_native_slices(self.normalize_intensity(ras_data), geometry, oriented=True), geometry
+
+    @staticmethod
+    def to_native_slices(volume: np.ndarray, geometry: SliceGeometry, oriented: bool = False) -> np.ndarray:
+        """A volume on the input's grid (e.g. a mask from `mask_to_nifti`) → its geometry's axial slices at native
+        resolution `(S, rows, cols)`, as `native_slices` shows them (`oriented`: `volume` is already in RAS order)."""
+        ras = volume if oriented else nib.orientations.apply_orientation(np.asarray(volume), geometry.to_ras)
+        return np.ascontiguousarray(np.rot90(ras[:, :, geometry.slice_indices], axes=(0, 1)).transpose(2, 0, 1))
 
     @staticmethod
     def resolve_contrasts(inputs, contrasts: list[str] | None) -> list:

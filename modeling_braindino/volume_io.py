@@ -1,4 +1,5 @@
-"""Reading one MRI volume safely: NIfTI path, nibabel image, or array + affine → a checked 3D volume.
+"""Reading one MRI volume safely: NIfTI path, DICOM series (folder or files, with the `dicom` extra), nibabel image,
+or array + affine → a checked 3D volume.
 
 Every problem a user's file can have becomes one `BrainDinoInputError` naming the file and the
 problem. Sizes are checked from the header before any voxel is read, so a lying header cannot make
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from .dicom_io import is_dicom_source, read_dicom_series
 
 # 512³ voxels (512 MiB as float32) is far beyond any brain MRI we expect; a header claiming more is refused.
 DEFAULT_MAX_VOXELS = 512**3
@@ -52,7 +55,7 @@ class BrainVolume:
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
 
-VolumeSource = str | os.PathLike | nib.spatialimages.SpatialImage | np.ndarray | BrainVolume
+VolumeSource = str | os.PathLike | list | nib.spatialimages.SpatialImage | np.ndarray | BrainVolume
 
 
 def _check_header(image: nib.spatialimages.SpatialImage, name: str, max_voxels: int) -> tuple[int, ...]:
@@ -159,7 +162,7 @@ def _load_path(path: Path, max_voxels: int) -> BrainVolume:
     if not path.is_file():
         raise BrainDinoInputError(name, "no such file")
     if not name.endswith(NIFTI_SUFFIXES):
-        raise BrainDinoInputError(name, "not a NIfTI file (expected .nii or .nii.gz)")
+        raise BrainDinoInputError(name, "not a NIfTI file (expected .nii or .nii.gz, or a folder of one DICOM series)")
     if path.stat().st_size == 0:
         raise BrainDinoInputError(name, "the file is empty")
     try:
@@ -212,7 +215,9 @@ def load_volume(
     """Read and check one 3D MRI volume.
 
     Args:
-        source: a `.nii`/`.nii.gz` path, a nibabel image, a 3D array (with `affine`), or a `BrainVolume`.
+        source: a `.nii`/`.nii.gz` path; a folder holding one DICOM series, or a list of its files (the `dicom`
+            extra: geometry, slice order and rescaling from the series); a nibabel image; a 3D array (with
+            `affine`); or a `BrainVolume`.
         affine: the voxel → world matrix for an array input.
         name: what error messages call the input (defaults to the path or `"<array>"`).
         max_voxels: refuse volumes whose header claims more voxels than this.
@@ -222,10 +227,14 @@ def load_volume(
     Raises:
         BrainDinoInputError: not NIfTI, an invalid header nibabel would repair, truncated, not 3D, empty, all zero,
             one constant intensity, NaN/Inf everywhere or inside the brain, complex or other unsupported dtype,
-            absurd header size, singular affine, voxel sizes outside 0.05-20 mm, slices under 16 x 16 voxels.
+            absurd header size, singular affine, voxel sizes outside 0.05-20 mm, slices under 16 x 16 voxels; a
+            DICOM folder with no series or several, or DICOM input without the `dicom` extra.
     """
     if isinstance(source, BrainVolume):
         return source
+    if is_dicom_source(source):
+        array, dicom_affine, dicom_name = read_dicom_series(source, max_voxels, BrainDinoInputError)
+        return _load_array(array, dicom_affine, name or dicom_name, max_voxels)
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source), max_voxels)
     if isinstance(source, nib.spatialimages.SpatialImage):

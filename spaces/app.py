@@ -1,6 +1,7 @@
-"""BrainDINO Space: upload a brain MRI volume (or take the example scan), scroll its axial slices, and
-run brain age, classification, tumour segmentation (mask overlaid, volumes per region) and a PCA map of the
-backbone's patch features (the paper's representation analysis).
+"""BrainDINO Space: upload a brain MRI volume — NIfTI, or a zip of one DICOM series — (or take the example scan),
+scroll its axial slices at their own resolution, and run brain age, classification, tumour segmentation (mask
+overlaid, volumes per region) and the paper's representation views: a PCA map of the backbone's patch features and
+the CLS token's attention map, both at 448 px (28 x 28 patches; RoPE takes any size) over the slice.
 
     python spaces/app.py                                   # models named in spaces/models.json
     BRAINDINO_SPACE_CONFIG=my_models.json python spaces/app.py
@@ -9,23 +10,26 @@ backbone's patch features (the paper's representation analysis).
 Device and precision default to `auto` (`braindino.precision`: the GPU if any; bfloat16 where the hardware has it).
 
 Models are local folders or Hub ids; an entry left out (or null) hides nothing but answers that it is not
-configured. Uploads are limited to .nii / .nii.gz files of at most MAX_UPLOAD; a bad file gets a readable
-message in the page.
+configured. Uploads are limited to .nii / .nii.gz files or .zip DICOM series of at most MAX_UPLOAD; a bad file
+gets a readable message in the page.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from braindino import BrainDinoInputError
-from braindino.feature_maps import patch_pca_rgb
+from braindino.feature_maps import cls_attention_map, patch_pca_rgb
 from braindino.pipelines import load_pipeline
 from braindino.precision import DTYPES, resolve_device, resolve_dtype
 
@@ -34,6 +38,8 @@ MAX_UPLOAD = "256mb"
 TASKS = {"brain_age": "brain-age", "classification": "brain-mri-classification",
          "segmentation": "brain-tumor-segmentation", "backbone": "brain-mri-feature-extraction"}
 LABEL_COLOURS = {"necrotic_core": "#1f77b4", "edema": "#2ca02c", "enhancing_tumor": "#d62728"}
+REPRESENTATION_SIZE = 448  # 28 x 28 patches of 16 px: a map worth looking at, whatever size the backbone trained at
+MAX_ZIP_MEMBERS, MAX_UNPACKED_BYTES = 4096, 2**31  # a series zip is refused beyond these (no zip bombs)
 
 
 def load_config() -> dict[str, str | None]:
@@ -60,8 +66,28 @@ def pipeline_for(entry: str):
 
 def _path(file) -> str:
     if file is None:
-        raise gr.Error("Upload a .nii or .nii.gz volume first (or pick the example scan).")
-    return file if isinstance(file, str) else file.name
+        raise gr.Error("Upload a .nii or .nii.gz volume or a .zip of one DICOM series first (or pick the example scan).")
+    path = file if isinstance(file, str) else file.name
+    return unpacked_series(path) if path.lower().endswith(".zip") else path
+
+
+@functools.lru_cache(maxsize=8)
+def unpacked_series(path: str) -> str:
+    """A zip of one DICOM series → a folder of its files (what the processor reads); members that would land
+    outside the folder, or too many of them, are refused."""
+    folder = Path(tempfile.mkdtemp(prefix="braindino-dicom-"))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [member for member in archive.infolist() if not member.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS or sum(member.file_size for member in members) > MAX_UNPACKED_BYTES:
+                raise BrainDinoInputError(path, f"a zip of {len(members)} files, {sum(m.file_size for m in members):,} bytes "
+                                                f"unpacked; a DICOM series zip holds at most {MAX_ZIP_MEMBERS} files and 2 GiB")
+            for number, member in enumerate(members):  # flat, numbered names: no path from the archive is used
+                with archive.open(member) as source, open(folder / f"{number:05d}.dcm", "wb") as target:
+                    shutil.copyfileobj(source, target)
+    except zipfile.BadZipFile:
+        raise BrainDinoInputError(path, "not a readable zip file") from None
+    return str(folder)
 
 
 def readable_errors(function):
@@ -81,13 +107,17 @@ def readable_errors(function):
 
 @functools.lru_cache(maxsize=4)
 def display_slices(path: str) -> tuple[np.ndarray, object]:
-    """Axial slices for display `(S, H, W)` uint8 on the grid the segmentation head sees (so masks overlay exactly)."""
+    """Axial slices for display `(S, rows, cols)` uint8 at the scan's own resolution (no resize), slice `k` = the
+    segmentation pipeline's slice `k`."""
     pipe = pipeline_for("segmentation" if CONFIG.get("segmentation") else "backbone")
-    pixel_values, geometry = pipe.image_processor.preprocess_volume(path)
-    grey = pixel_values[:, 0].numpy()
-    scaled = np.clip((grey + 2.5) / 5.0, 0, 1) * 255  # z-scores in [-2.5, 2.5] → 0..255
-    scaled[grey == 0] = 0
-    return scaled.astype(np.uint8), geometry
+    slices, geometry = pipe.image_processor.native_slices(path)
+    return _to_uint8(slices), geometry
+
+
+def _to_uint8(normalised: np.ndarray) -> np.ndarray:
+    scaled = np.clip((normalised + 2.5) / 5.0, 0, 1) * 255  # z-scores in [-2.5, 2.5] → 0..255
+    scaled[normalised == 0] = 0
+    return scaled.astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,11 +125,12 @@ def segmentation(path: str) -> dict:
     pipe = pipeline_for("segmentation")
     model_inputs = pipe.preprocess(path)
     model_outputs = pipe.forward(model_inputs)
-    slice_masks = model_outputs["slice_masks"].numpy()
     result = pipe.postprocess(model_outputs)
     mask_path = Path(tempfile.mkdtemp(prefix="braindino-mask-")) / (Path(path).name.split(".")[0] + "_seg.nii.gz")
     result["mask"].to_filename(mask_path)
-    return {"slice_masks": slice_masks, "volumes_ml": result["volumes_ml"], "mask_path": str(mask_path),
+    # the mask on the input's grid, cut into the displayed native-resolution slices
+    native_masks = pipe.image_processor.to_native_slices(np.asanyarray(result["mask"].dataobj), model_outputs["geometry"])
+    return {"native_masks": native_masks, "volumes_ml": result["volumes_ml"], "mask_path": str(mask_path),
             "labels": pipe.model.config.id2label}
 
 
@@ -112,7 +143,7 @@ def _overlay(path: str, index: int, with_mask: bool):
         found = segmentation(path)
         for label, name in sorted(found["labels"].items()):
             if int(label):
-                annotations.append((found["slice_masks"][index] == int(label), name))
+                annotations.append((found["native_masks"][index] == int(label), name))
     return image, annotations
 
 
@@ -121,7 +152,8 @@ def load(file):
     path = _path(file)
     slices, geometry = display_slices(path)
     middle = len(slices) // 2
-    info = (f"**{Path(path).name}**: {len(slices)} axial slices (shape {tuple(geometry.input_shape)}); "
+    uploaded = Path(file if isinstance(file, str) else file.name).name
+    info = (f"**{uploaded}**: {len(slices)} axial slices (shape {tuple(geometry.input_shape)}); "
             "research use only — not for clinical decisions.")
     return gr.update(maximum=len(slices) - 1, value=middle), _overlay(path, middle, False), info
 
@@ -156,17 +188,46 @@ def segment(file, index, progress=gr.Progress()):
     return _overlay(path, int(index), True), found["volumes_ml"], found["mask_path"]
 
 
-@readable_errors
-def pca_map(file, index, progress=gr.Progress()):
-    """The first three principal components of the backbone's patch features over the volume's slices, as RGB."""
-    path = _path(file)
-    progress(0.1, desc="patch features")
+@functools.lru_cache(maxsize=1)
+def representation_slices(path: str):
+    """The backbone and the volume's grey slices at `REPRESENTATION_SIZE` px (one volume kept: ~0.8 MB a slice)."""
     pipe = pipeline_for("backbone")
-    backbone = getattr(pipe.model, "braindino", pipe.model)
-    pixel_values, _ = pipe.image_processor.preprocess_volume(path)
-    rgb = patch_pca_rgb(backbone, pixel_values)[int(np.clip(index, 0, len(pixel_values) - 1))].numpy()  # [h, w, 3]
-    patch = backbone.config.patch_size
-    return (np.kron(rgb, np.ones((patch, patch, 1))) * 255).astype(np.uint8)
+    processor = copy.copy(pipe.image_processor)
+    processor.size, processor.num_slices = REPRESENTATION_SIZE, None
+    slices, _ = processor.preprocess_volume_slices(path)
+    return getattr(pipe.model, "braindino", pipe.model), slices
+
+
+def _over_slice(grey: np.ndarray, colours: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """A patch-level RGB map `(h, w, 3)` in [0, 1], upsampled to the slice and blended over it inside the brain."""
+    import torch
+
+    upsampled = torch.nn.functional.interpolate(torch.as_tensor(colours).permute(2, 0, 1)[None].float(),
+                                                size=grey.shape, mode="bilinear", align_corners=False)[0]
+    base = np.repeat(grey[..., None].astype(np.float32) / 255, 3, axis=-1)
+    blended = np.where(inside[..., None], 0.35 * base + 0.65 * upsampled.permute(1, 2, 0).numpy(), base)
+    return (np.clip(blended, 0, 1) * 255).astype(np.uint8)
+
+
+def _hot(values: np.ndarray) -> np.ndarray:
+    """The "hot" colour map (black → red → yellow → white) of values in [0, 1], `(h, w)` → `(h, w, 3)`."""
+    return np.clip(np.stack([3 * values, 3 * values - 1, 3 * values - 2], axis=-1), 0, 1)
+
+
+@readable_errors
+def representation(file, index, progress=gr.Progress()):
+    """The slice's patch features at 448 px: the first three principal components as RGB (fitted on the slice's
+    brain patches) and the CLS token's attention (last block, mean over heads, registers excluded), over the slice."""
+    path = _path(file)
+    progress(0.1, desc="patch features at 448 px")
+    backbone, slices = representation_slices(path)
+    index = int(np.clip(index, 0, len(slices) - 1))
+    pixel_values = slices[index : index + 1, None].expand(-1, backbone.config.num_channels, -1, -1)
+    grey = _to_uint8(slices[index].numpy())
+    inside = slices[index].numpy() != 0
+    pca = _over_slice(grey, patch_pca_rgb(backbone, pixel_values)[0].numpy(), inside)
+    attention = _over_slice(grey, _hot(cls_attention_map(backbone, pixel_values)[0].numpy()), inside)
+    return pca, attention
 
 
 def example_scan() -> tuple[str, str]:
@@ -185,14 +246,16 @@ def build_demo() -> gr.Blocks:
                     "**Research use only — not for clinical decisions.** The quickstart's example scan is SYNTHETIC.")
         with gr.Row():
             with gr.Column(scale=1):
-                volume = gr.File(label="Brain MRI (.nii / .nii.gz)", file_types=[".nii", ".gz"], type="filepath")
+                volume = gr.File(label="Brain MRI (.nii / .nii.gz, or a .zip of one DICOM series)",
+                                 file_types=[".nii", ".gz", ".zip"], type="filepath")
                 example, example_label = example_scan()
                 gr.Examples([[example]], inputs=[volume], label=example_label)
                 info = gr.Markdown()
                 index = gr.Slider(0, 1, value=0, step=1, label="axial slice")
                 show_mask = gr.Checkbox(value=True, label="overlay the segmentation")
             with gr.Column(scale=2):
-                slice_view = gr.AnnotatedImage(label="slice", format="png", color_map=LABEL_COLOURS)
+                slice_view = gr.AnnotatedImage(label="slice (the scan's own resolution)", format="png",
+                                               color_map=LABEL_COLOURS, height=512)
         with gr.Tab("Brain age"):
             age_button = gr.Button("Predict brain age")
             age_output = gr.JSON(label="brain age")
@@ -203,9 +266,13 @@ def build_demo() -> gr.Blocks:
             segment_button = gr.Button("Segment")
             volumes_output = gr.JSON(label="volume per region (ml)")
             mask_output = gr.File(label="mask (NIfTI on the input's grid)")
-        with gr.Tab("Representation (PCA)"):
-            pca_button = gr.Button("PCA of patch features")
-            pca_output = gr.Image(label="first 3 principal components as RGB", format="png")
+        with gr.Tab("Representation"):
+            representation_button = gr.Button("Show patch features and attention (448 px)")
+            with gr.Row():
+                pca_output = gr.Image(label="PCA of patch features: first 3 components as RGB", format="png", height=448,
+                                      interactive=False, elem_id="pca-map")
+                attention_output = gr.Image(label="CLS attention, last block (mean over heads)", format="png", height=448,
+                                            interactive=False, elem_id="attention-map")
 
         volume.change(load, [volume], [index, slice_view, info], api_name="load")
         index.change(view, [volume, index, show_mask], [slice_view], api_name="view")
@@ -213,7 +280,8 @@ def build_demo() -> gr.Blocks:
         age_button.click(brain_age, [volume], [age_output], api_name="brain_age")
         class_button.click(classify, [volume], [class_output], api_name="classify")
         segment_button.click(segment, [volume, index], [slice_view, volumes_output, mask_output], api_name="segment")
-        pca_button.click(pca_map, [volume, index], [pca_output], api_name="pca")
+        representation_button.click(representation, [volume, index], [pca_output, attention_output],
+                                    api_name="representation")
     return demo
 
 

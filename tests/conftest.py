@@ -132,3 +132,53 @@ def assert_hub_valid_card(path) -> dict:
             assert result.dataset_type and result.dataset_name and result.metric_type
             assert isinstance(result.metric_value, (int, float))
     return data
+
+
+# --------------------------------------------------------------------------- DICOM series written with pydicom
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+DICOM_SLOPE, DICOM_INTERCEPT = 0.5, -100.0
+
+
+def rotation_matrix(degrees_x: float, degrees_z: float) -> np.ndarray:
+    ax, az = np.radians(degrees_x), np.radians(degrees_z)
+    about_x = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    about_z = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return about_z @ about_x
+
+
+def write_dicom_series(folder, stored: np.ndarray, spacing, rotation: np.ndarray, origin_lps, seed=0, series_uid=None,
+                 prefix="IM") -> np.ndarray:
+    """`stored[i, j, k]` (int16; column i, row j, slice k) as one DICOM file per slice, named and numbered in a
+    shuffled order; returns the RAS affine the series encodes (voxel → mm)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    row_direction, column_direction, normal = rotation[:, 0], rotation[:, 1], rotation[:, 2]
+    series_uid = series_uid or generate_uid()
+    order = np.random.default_rng(seed).permutation(stored.shape[2])
+    for position, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{prefix}{position:04d}.dcm"
+        dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        dataset.SOPClassUID, dataset.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        dataset.Modality, dataset.PatientID, dataset.StudyInstanceUID = "MR", "SYNTHETIC", "1.2.3.4"
+        dataset.SeriesInstanceUID, dataset.FrameOfReferenceUID = series_uid, "1.2.3.5"
+        dataset.InstanceNumber = position + 1
+        dataset.ImageOrientationPatient = [*map(float, row_direction), *map(float, column_direction)]
+        dataset.ImagePositionPatient = [float(value) for value in np.asarray(origin_lps) + k * spacing[2] * normal]
+        dataset.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows, between columns
+        dataset.SliceThickness = float(spacing[2])
+        dataset.Rows, dataset.Columns = stored.shape[1], stored.shape[0]
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+        dataset.RescaleSlope, dataset.RescaleIntercept = DICOM_SLOPE, DICOM_INTERCEPT
+        dataset.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype("<i2").tobytes()
+        dataset.save_as(path, enforce_file_format=True)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ rotation @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin_lps, dtype=float)
+    return affine

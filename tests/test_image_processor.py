@@ -117,3 +117,25 @@ def test_processor_config_round_trip(tmp_path):
     processor.save_pretrained(tmp_path)
     reloaded = BrainDinoImageProcessor.from_pretrained(tmp_path)
     assert (reloaded.size, reloaded.num_slices, tuple(reloaded.clip_percentiles)) == (160, 64, (1, 99))
+
+
+def test_native_slices_are_the_model_slices_before_resizing_and_masks_cut_alike(tmp_path, seeded):
+    """The Space shows `native_slices` and overlays masks with `to_native_slices`: at a size where the canvas needs no
+    resize, native slice k is model slice k; on an oblique LPS grid, a mask's native slices are its labels' own."""
+    image = seeded.uniform(50, 400, size=(64, 64, 12)).astype(np.float32)
+    image[:, :, :3] = 0
+    path = save_nifti(tmp_path / "square.nii.gz", image, np.diag([-1.0, 1.0, 2.0, 1.0]))
+    processor = BrainDinoImageProcessor(size=64, num_slices=5)
+    native, geometry = processor.native_slices(path)
+    model_slices, _ = BrainDinoImageProcessor(size=64).preprocess_volume(path)
+    assert geometry.slice_indices == list(range(3, 12))  # every non-empty slice, whatever num_slices says
+    np.testing.assert_allclose(native, model_slices[:, 0].numpy(), atol=1e-6)
+
+    image, labels = _blob_volumes(seeded)
+    oblique = save_nifti(tmp_path / "oblique.nii.gz", image, _oblique_lps_affine())
+    processor = BrainDinoImageProcessor(size=128)
+    native, geometry = processor.native_slices(oblique)
+    mask = processor.mask_to_nifti(processor.to_model_grid(labels, geometry), geometry)
+    cut = processor.to_native_slices(np.asanyarray(mask.dataobj), geometry)
+    assert cut.shape == native.shape == (len(geometry.slice_indices), *geometry.slice_shape)
+    np.testing.assert_array_equal(cut, processor.to_native_slices(labels, geometry))

@@ -72,11 +72,36 @@ def test_every_task_returns_a_sane_result(space, scan):
     np.testing.assert_array_equal(mask.affine, nib.load(scan).affine)
     assert mask.shape == nib.load(scan).shape
     assert overlay["image"] and len(overlay["annotations"]) == 3
-    pca = client.predict(handle_file(scan), 20, api_name="/pca")
+    # the slice view is the scan's own axial slice (rows A→P, columns R→L of its 1 mm-ish grid), not the model canvas
     from PIL import Image
 
-    rgb = np.asarray(Image.open(pca))
-    assert rgb.shape == (128, 128, 3) and rgb.reshape(-1, 3).std(axis=0).min() > 0
+    shown = np.asarray(Image.open(view["image"]["path"] if isinstance(view["image"], dict) else view["image"]))
+    x, y, _ = nib.load(scan).shape  # the synthetic scans are RAS-oriented
+    assert shown.shape[:2] == (y, x)
+    pca, attention = client.predict(handle_file(scan), 20, api_name="/representation")
+    pca, attention = np.asarray(Image.open(pca)), np.asarray(Image.open(attention))
+    assert pca.shape == attention.shape == (448, 448, 3)  # 28 x 28 patches, whatever the backbone trained at
+    patch_colours = pca[8::16, 8::16].reshape(-1, 3)  # one pixel per patch centre
+    assert len(np.unique(patch_colours, axis=0)) > 50  # a map of the patches, not a few blocks
+    assert attention.reshape(-1, 3).std(axis=0).max() > 10
+
+
+def test_a_zip_of_a_dicom_series_loads_like_a_nifti(space, tmp_path):
+    import zipfile
+
+    from conftest import rotation_matrix, write_dicom_series
+    from gradio_client import handle_file
+
+    client, _, _ = space
+    stored = np.zeros((40, 36, 12), dtype=np.int16)
+    stored[5:35, 4:32, 1:11] = np.random.default_rng(0).integers(400, 2400, size=(30, 28, 10))
+    write_dicom_series(tmp_path / "series", stored, (1.2, 1.0, 2.5), rotation_matrix(0, 0), (0.0, 0.0, 0.0))
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted((tmp_path / "series").iterdir()):
+            handle.write(path, f"DICOM/{path.name}")
+    _, _, info = client.predict(handle_file(str(archive)), api_name="/load")
+    assert "12 axial slices" in info and "(40, 36, 12)" in info
 
 
 def test_bad_file_gets_a_readable_message(space):
@@ -111,11 +136,18 @@ def test_browser_uploads_a_scan_segments_it_and_shows_the_overlay(space, scan, t
         page.get_by_role("button", name="Segment").click()
         page.get_by_text("whole_tumor").wait_for(timeout=120_000)
         page.screenshot(path=str(screenshot), full_page=True)
+        page.get_by_role("tab", name="Representation").click()
+        page.get_by_role("button", name="Show patch features and attention (448 px)").click()
+        maps = page.locator("#pca-map img, #attention-map img")
+        maps.nth(1).wait_for(timeout=120_000)
+        sizes = [maps.nth(number).bounding_box() for number in range(maps.count())]
+        page.screenshot(path=str(tmp_path / "space-representation.png"), full_page=True)
         browser.close()
     from PIL import Image
 
     image = np.asarray(Image.open(screenshot).convert("RGB"))
     assert image.shape[1] == 1280 and image.std() > 10  # a rendered page, not a blank one
+    assert len(sizes) == 2 and all(box["width"] >= 300 and box["height"] >= 300 for box in sizes), sizes  # readable
 
 
 

@@ -123,8 +123,8 @@ class SelfDistillation(nn.Module):
 
         prototypes = torch.nn.functional.normalize(self.student.dino_head.prototypes.detach().float(), dim=-1)
         eigenvalues = torch.linalg.eigvalsh(prototypes.T @ prototypes)  # [bottleneck], ascending
-        gains = [module.gamma.detach().abs().mean() for name, module in self.student.named_modules() if name.endswith("layer_scale1")
-                 or name.endswith("layer_scale2")]
+        gains = [parameter.detach().abs().mean() for name, parameter in self.student.named_parameters()
+                 if ".layer_scale1." in name or ".layer_scale2." in name]  # ours (gamma) and transformers' (lambda1)
         num_prototypes = targets["cls"].shape[-1]
         return {
             "log_num_prototypes": targets["cls"].new_tensor(math.log(num_prototypes)),
