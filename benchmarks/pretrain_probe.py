@@ -1,15 +1,19 @@
 """Does pretraining learn? Pretrain the tiny backbone on a SYNTHETIC corpus within a CPU time budget, then
-probe frozen features of held-out SYNTHETIC subjects against the same architecture at random initialisation.
+probe frozen features of held-out SYNTHETIC subjects against the same architecture at random initialisation,
+for several seeds (each: its own pretraining run and its own random initialisation), at several slice sizes.
 
-Probes (5-fold cross-validation grouped by subject, scikit-learn), on the paper's subject embedding
-(mean CLS token over 32 resampled axial slices):
+Probes (5-fold cross-validation grouped by subject, scikit-learn), on the paper's subject embedding (mean CLS token
+over 32 resampled axial slices), with each fold's training subjects subsampled to each label fraction (a fraction
+that leaves fewer than 2 training subjects, or a class missing, is reported as too few):
 - contrast classification (T1 / T1ce / T2 / FLAIR, every volume): balanced accuracy;
 - lesion presence (FLAIR volumes): ROC-AUC;
 - age regression (T1 volumes): MAE in years;
-each with a linear probe (logistic / ridge regression on standardised features) and a cosine k-NN (k = 5).
+each with a linear probe (logistic / ridge regression on standardised features) and a cosine k-NN (k = 5, or
+fewer where the training set is smaller). Sizes: 112 px is what the tiny recipe's global crops are, 224 px the
+paper's canvas.
 
-    python benchmarks/pretrain_probe.py                      # 15-minute budget, 24 + 40 subjects
-    python benchmarks/pretrain_probe.py --minutes 2 --train-subjects 8 --probe-subjects 16   # a quick look
+    python benchmarks/pretrain_probe.py                      # 3 seeds, 15-minute budget each, 24 + 40 subjects
+    python benchmarks/pretrain_probe.py --seeds 0 --minutes 2 --train-subjects 8 --probe-subjects 16   # a quick look
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
-from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.model_selection import GroupKFold
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -38,95 +42,128 @@ from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
 
 
-def probe_scores(features: np.ndarray, rows: list[dict], volume_contrasts: list[str], subjects: list[str]) -> dict:
-    """Linear and k-NN probe scores on one backbone's features (volume order: subject-major, CONTRASTS order)."""
+def _fold_predictions(model, features, targets, groups, fraction: float, seed: int, proba: bool):
+    """Out-of-fold predictions with each fold's training subjects subsampled to `fraction`; None if too few."""
+    predicted = np.empty(len(targets), dtype=object if targets.dtype.kind in "UO" and not proba else float)
+    rng = np.random.default_rng(seed)
+    for train, test in GroupKFold(n_splits=5).split(features, targets, groups):
+        subjects = np.unique(groups[train])
+        kept = rng.permutation(subjects)[: int(round(fraction * len(subjects)))]
+        train = train[np.isin(groups[train], kept)]
+        if len(kept) < 2 or (targets.dtype.kind in "UOb" or proba) and len(np.unique(targets[train])) < 2:
+            return None
+        if hasattr(model, "n_neighbors"):
+            model.set_params(n_neighbors=min(5, len(train)))
+        model.fit(features[train], targets[train])
+        predicted[test] = model.predict_proba(features[test])[:, 1] if proba else model.predict(features[test])
+    return predicted
+
+
+def probe_scores(features: np.ndarray, rows: list[dict], volume_contrasts: list[str], subjects: list[str],
+                 fraction: float, seed: int) -> dict:
+    """Linear and k-NN probe scores on one backbone's features (volume order: subject-major, CONTRASTS order);
+    NaN where the fraction leaves too few training subjects."""
     groups = np.array(subjects)
-    folds = GroupKFold(n_splits=5)
-    linear_classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=1.0))
-    knn_classifier = KNeighborsClassifier(n_neighbors=5, metric="cosine")
     scores = {}
 
+    def score(name, model, x, y, g, metric, proba=False):
+        predicted = _fold_predictions(model, x, y, g, fraction, seed, proba)
+        scores[name] = float("nan") if predicted is None else float(metric(y, predicted))
+
+    classifiers = {"linear": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=1.0)),
+                   "k-NN": lambda: KNeighborsClassifier(n_neighbors=5, metric="cosine")}
+    regressors = {"linear": lambda: make_pipeline(StandardScaler(), Ridge(alpha=10.0)),
+                  "k-NN": lambda: KNeighborsRegressor(n_neighbors=5, metric="cosine")}
     labels = np.array(volume_contrasts)
-    for name, model in (("linear", linear_classifier), ("k-NN", knn_classifier)):
-        predicted = cross_val_predict(model, features, labels, groups=groups, cv=folds)
-        scores[f"contrast balanced accuracy ({name})"] = balanced_accuracy_score(labels, predicted)
-
-    def per_subject(contrast):
-        index = [i for i, c in enumerate(volume_contrasts) if c == contrast]
-        return features[index], groups[index]
-
-    flair, flair_groups = per_subject("flair")
+    index = {contrast: [i for i, c in enumerate(volume_contrasts) if c == contrast] for contrast in ("flair", "t1")}
     lesion = np.array([int(row["has_tumor"]) for row in rows])
-    for name, model in (("linear", linear_classifier), ("k-NN", knn_classifier)):
-        probability = cross_val_predict(model, flair, lesion, groups=flair_groups, cv=folds, method="predict_proba")[:, 1]
-        scores[f"lesion ROC-AUC ({name})"] = roc_auc_score(lesion, probability)
-
-    t1, t1_groups = per_subject("t1")
     age = np.array([float(row["age"]) for row in rows])
-    linear_regressor = make_pipeline(StandardScaler(), Ridge(alpha=10.0))
-    knn_regressor = KNeighborsRegressor(n_neighbors=5, metric="cosine")
-    for name, model in (("linear", linear_regressor), ("k-NN", knn_regressor)):
-        predicted = cross_val_predict(model, t1, age, groups=t1_groups, cv=folds)
-        scores[f"age MAE, years ({name})"] = mean_absolute_error(age, predicted)
-    scores["age MAE, years (predict the mean)"] = mean_absolute_error(age, np.full_like(age, age.mean()))
+    for name in ("linear", "k-NN"):
+        score(f"contrast balanced accuracy ({name})", classifiers[name](), features, labels, groups, balanced_accuracy_score)
+        score(f"lesion ROC-AUC ({name})", classifiers[name](), features[index["flair"]], lesion, groups[index["flair"]],
+              roc_auc_score, proba=True)
+        score(f"age MAE, years ({name})", regressors[name](), features[index["t1"]], age, groups[index["t1"]],
+              mean_absolute_error)
     return scores
+
+
+HIGHER_IS_BETTER = lambda metric: "MAE" not in metric  # noqa: E731
+
+
+def summary_rows(results: dict) -> list[str]:
+    """Markdown rows: per (size, fraction, probe), mean ± std over seeds for both backbones and whether the
+    pretrained one wins by more than 2 std (the larger of the two spreads)."""
+    lines = []
+    for (size, fraction), per_backbone in results.items():
+        pretrained, random = per_backbone["pretrained (EMA teacher)"], per_backbone["random initialisation"]
+        for metric in pretrained[0]:
+            ours, theirs = np.array([run[metric] for run in pretrained]), np.array([run[metric] for run in random])
+            if np.isnan(ours).any():
+                lines.append(f"| {size} | {fraction:g} | {metric} | too few labels | too few labels | — |")
+                continue
+            gap = (ours.mean() - theirs.mean()) * (1 if HIGHER_IS_BETTER(metric) else -1)
+            spread = max(ours.std(), theirs.std())
+            verdict = "yes" if gap > 2 * spread else ("ahead, within 2 std" if gap > 0 else "no")
+            lines.append(f"| {size} | {fraction:g} | {metric} | {ours.mean():.3f} ± {ours.std():.3f} | "
+                         f"{theirs.mean():.3f} ± {theirs.std():.3f} | {verdict} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--train-subjects", type=int, default=24)
     parser.add_argument("--probe-subjects", type=int, default=40)
     parser.add_argument("--recipe", default="tiny", help="a bundled recipe name or a JSON recipe file")
-    parser.add_argument("--keep", help="keep the corpus and the pretraining run in this folder")
-    parser.add_argument("--reuse", action="store_true", help="with --keep: probe the run already kept there")
+    parser.add_argument("--keep", help="keep the corpora and the pretraining runs in this folder")
     parser.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
                         help="mean CLS (the paper's subject embedding) or CLS + mean patch token (DINOv2's linear probe)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
-        config = PretrainConfig.load(args.recipe, corpus=str(root / "corpus"), output_dir=str(root / "run"), tracker=None,
-                                     time_limit_minutes=args.minutes)
-        if args.reuse:
-            records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-            summary = {"backbone": str(root / "run" / "final" / "backbone"), "iterations": records[-1]["iteration"]}
-            pretrain_minutes = float("nan")  # measured when the run was made
-        else:
-            write_synthetic_corpus(root / "train", args.train_subjects, seed=0, workers=2)
-            write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
-            prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
-            started = time.perf_counter()
-            summary = pretrain(config, resume=False)
-            pretrain_minutes = (time.perf_counter() - started) / 60
-
+        write_synthetic_corpus(root / "train", args.train_subjects, seed=0, workers=2)
+        write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
+        prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
         with open(root / "probe" / "labels.csv") as handle:
             rows = list(csv.DictReader(handle))
         paths = [root / "probe" / row[contrast] for row in rows for contrast in CONTRASTS]
         volume_contrasts = [contrast for _ in rows for contrast in CONTRASTS]
         subjects = [row["subject"] for row in rows for _ in CONTRASTS]
-        processor = BrainDinoImageProcessor(size=config.global_crop_size, num_slices=32)
-        torch.manual_seed(0)
-        random_model = BrainDinoModel(BrainDinoConfig.from_preset(config.preset, **config.model_overrides)).eval()
-        pretrained_model = BrainDinoModel.from_pretrained(summary["backbone"]).eval()
-        results = {}
-        for name, model in (("pretrained (EMA teacher)", pretrained_model), ("random initialisation", random_model)):
-            features = embed_volumes(paths, Backbone(model, processor, name, random_init=name.startswith("random")),
-                                     with_patch_means=args.features == "cls+patch")
-            results[name] = probe_scores(features, rows, volume_contrasts, subjects)
+        results, runs = {}, []
+        for seed in args.seeds:
+            config = PretrainConfig.load(args.recipe, corpus=str(root / "corpus"), output_dir=str(root / f"run-{seed}"),
+                                         tracker=None, time_limit_minutes=args.minutes, seed=seed)
+            started = time.perf_counter()
+            summary = pretrain(config, resume=False)
+            runs.append({"seed": seed, "minutes": (time.perf_counter() - started) / 60, "iterations": summary["iterations"]})
+            torch.manual_seed(seed)
+            models = {"pretrained (EMA teacher)": BrainDinoModel.from_pretrained(summary["backbone"]).eval(),
+                      "random initialisation": BrainDinoModel(BrainDinoConfig.from_preset(config.preset, **config.model_overrides)).eval()}
+            for size in args.sizes:
+                processor = BrainDinoImageProcessor(size=size, num_slices=32)
+                for name, model in models.items():
+                    features = embed_volumes(paths, Backbone(model, processor, name, random_init=name.startswith("random")),
+                                             with_patch_means=args.features == "cls+patch")
+                    for fraction in args.fractions:
+                        scores = probe_scores(features, rows, volume_contrasts, subjects, fraction, seed)
+                        results.setdefault((size, fraction), {}).setdefault(name, []).append(scores)
 
-    print(f"SYNTHETIC data: pretraining on {args.train_subjects} subjects ({args.train_subjects * 4} volumes) for "
-          f"{pretrain_minutes:.1f} min on this CPU ({summary['iterations']} iterations of batch {config.batch_size}, "
-          f"crops {config.global_crop_size}/{config.local_crop_size} px); probes on {args.probe_subjects} held-out subjects; "
-          f"features: {args.features}")
+    minutes = ", ".join(f"{run['minutes']:.1f}" for run in runs)
+    print(f"SYNTHETIC data: pretraining on {args.train_subjects} subjects ({args.train_subjects * 4} volumes), seeds "
+          f"{args.seeds}: {minutes} min on this CPU ({', '.join(str(run['iterations']) for run in runs)} iterations of "
+          f"batch {config.batch_size}, crops {config.global_crop_size}/{config.local_crop_size} px, mixed precision "
+          f"{config.mixed_precision}); probes on {args.probe_subjects} held-out subjects (5 folds of {args.probe_subjects * 4 // 5} "
+          f"training subjects before subsampling); features: {args.features}; mean ± std over seeds")
     print()
-    names = list(results)
-    print("| probe | " + " | ".join(names) + " |")
-    print("| --- | " + " | ".join("---" for _ in names) + " |")
-    for metric in results[names[0]]:
-        print(f"| {metric} | " + " | ".join(f"{results[name][metric]:.3f}" for name in names) + " |")
+    print("| size (px) | label fraction | probe | pretrained | random init | pretrained wins by > 2 std |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(summary_rows(results)))
     print()
-    print(json.dumps({"pretrain_minutes": pretrain_minutes, "iterations": summary["iterations"], "results": results}))
+    print(json.dumps({"runs": runs, "results": {f"{size}px-{fraction:g}": value for (size, fraction), value in results.items()}}))
 
 
 if __name__ == "__main__":

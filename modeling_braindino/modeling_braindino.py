@@ -118,7 +118,9 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE, `x * cos + cat(-x2, x1) * sin`, as one roll and one fused multiply-add."""
+    """Rotate-half RoPE, `x * cos + cat(-x2, x1) * sin`, as one roll and one fused multiply-add. The tables take
+    `x`'s dtype: under bf16 autocast, fp32 tables would promote q and k to fp32 and attention would run in fp32."""
+    cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForPreTraining
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoModel
 from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
-from braindino.train.pretraining.schedules import cosine_schedule, linear_then_constant
+from braindino.train.pretraining.schedules import cosine_schedule, delayed_ramp, linear_then_constant
 from braindino.train.data.synthetic import write_synthetic_corpus
 from conftest import MICRO_MODEL, assert_hub_valid_card
 
@@ -47,6 +47,9 @@ def test_schedules_are_plain_arrays_with_warmup_and_cosine():
     assert schedule[-1] == pytest.approx(0.1) and np.all(np.diff(schedule[5:]) <= 1e-12)
     temperature = linear_then_constant(0.04, 0.07, iterations=10, ramp_iterations=4)
     np.testing.assert_allclose(temperature, [0.04, 0.0475, 0.055, 0.0625] + [0.07] * 6)
+    np.testing.assert_allclose(delayed_ramp(2.0, iterations=10, delay_iterations=3, ramp_iterations=4),
+                               [0, 0, 0, 0, 0.5, 1.0, 1.5, 2, 2, 2])
+    np.testing.assert_allclose(delayed_ramp(2.0, iterations=4, delay_iterations=0, ramp_iterations=0), [2] * 4)  # DINOv3
 
 
 def test_parameter_groups_follow_the_policy():
@@ -310,3 +313,19 @@ def test_diagnostics_show_the_uniform_state_and_its_absence():
     assert varied["prototypes_used"] > 1 and varied["student_cls_std"] > 1e-3
     assert varied["layerscale_mean_abs"] == pytest.approx(1.0)  # the micro model's LayerScale init, untrained
     assert varied["prototype_condition_number"] >= 1.0
+
+
+def test_under_bf16_autocast_the_networks_run_in_bf16_and_the_losses_in_float32():
+    """`--mixed-precision bf16` (and `auto` on bf16 CPUs): the same batch gives the fp32 losses to bf16's error on the
+    network outputs, not the 0.03-nat steps of a loss computed in bf16 (its einsum would autocast to bf16)."""
+    _, model, _, batch, _, _ = _step_setup()
+    model.eval()  # no RoPE augmentation, no drop: both forwards see the same network
+    exact = model(batch, teacher_temperature=0.04)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = model(batch, teacher_temperature=0.04)
+        logits = model.student(batch["global_crops"]).cls_logits
+    assert logits.dtype == torch.bfloat16  # the networks did run in bf16
+    for name in ("dino", "ibot", "koleo", "loss"):
+        assert mixed[name].dtype == torch.float32, name
+        assert float(mixed[name]) == pytest.approx(float(exact[name]), rel=2e-3, abs=2e-3), name
+    assert float(mixed["dino"]) != float(exact["dino"])  # really computed from bf16 outputs

@@ -55,7 +55,7 @@ def train_step(accelerator, model, optimizer, batch: dict, schedules: Schedules,
                clip_grad: float | None) -> tuple[dict[str, torch.Tensor], float | None]:
     """Losses → backward → schedules and step → teacher update. Returns the losses and the gradient norm."""
     with accelerator.autocast():
-        losses = model(batch, float(schedules.teacher_temperature[iteration]))
+        losses = model(batch, float(schedules.teacher_temperature[iteration]), float(schedules.dino_loss_weight[iteration]))
     accelerator.backward(losses["loss"])
     apply_schedules(optimizer, schedules, iteration)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad) if clip_grad else None
@@ -105,6 +105,7 @@ class RunLog:
                   "lr": float(self.schedules.lr[iteration]),
                   "teacher_momentum": float(self.schedules.teacher_momentum[iteration]),
                   "teacher_temperature": float(self.schedules.teacher_temperature[iteration]),
+                  "dino_loss_weight": float(self.schedules.dino_loss_weight[iteration]),
                   "grad_norm": grad_norm, **extra}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as handle:
@@ -207,9 +208,10 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     final = Path(config.output_dir) / "final"
     model.student.save_pretrained(final / "student")
     model.teacher.save_pretrained(final / "teacher")
-    model.teacher.save_backbone(final / "backbone")
+    # the processor at the size the backbone trained at, saved first so the folder never holds the 224 px default
     BrainDinoImageProcessor(size=config.global_crop_size,
                             num_channels=model.teacher.config.num_channels).save_pretrained(final / "backbone")
+    model.teacher.save_backbone(final / "backbone")
     metrics = Path(config.output_dir) / "metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     run = {

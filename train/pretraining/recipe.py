@@ -40,6 +40,10 @@ class PretrainConfig:
     patch_embed_lr_multiplier: float = 0.2
     clip_grad: float = 3.0
     dino_loss_weight: float = 1.0
+    # A CPU-scale remedy, 0 in DINOv3: the DINO term is off for `dino_loss_delay_epochs`, then ramps linearly to its
+    # weight over `dino_loss_warmup_epochs` (see the README's DINO-branch table for what each setting measured).
+    dino_loss_delay_epochs: float = 0
+    dino_loss_warmup_epochs: float = 0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     gram_loss_weight: float = 0.0  # stage 2: 1.0

@@ -81,16 +81,18 @@ class SelfDistillation(nn.Module):
         and the Gram teacher's patch tokens where there is one."""
         global_crops, masks = batch["global_crops"], batch["masks"]
         output = self.teacher(global_crops, patch_positions=masks)
-        if self.centering is None:
-            cls_targets = sinkhorn_knopp(output.cls_logits, temperature)
-            patch_targets = sinkhorn_knopp(output.masked_patch_logits, temperature)
-        else:
-            cls_targets = self.centering(output.cls_logits, temperature)
-            patch_targets = torch.softmax(output.masked_patch_logits.float() / temperature, dim=-1)
+        with _full_precision(global_crops):
+            if self.centering is None:
+                cls_targets = sinkhorn_knopp(output.cls_logits, temperature)
+                patch_targets = sinkhorn_knopp(output.masked_patch_logits, temperature)
+            else:
+                cls_targets = self.centering(output.cls_logits, temperature)
+                patch_targets = torch.softmax(output.masked_patch_logits.float() / temperature, dim=-1)
         gram = self.gram_teacher.braindino(global_crops).patch_tokens if self.gram_teacher is not None else None
         return {"cls": cls_targets, "patches": patch_targets, "gram": gram}
 
-    def forward(self, batch: dict, teacher_temperature: float) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, teacher_temperature: float, dino_loss_weight: float | None = None) -> dict[str, torch.Tensor]:
+        """Each term's value and the weighted `loss`; `dino_loss_weight` overrides the recipe's (its schedule)."""
         targets = self.teacher_targets(batch, teacher_temperature)
         global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
         global_output = self.student(global_crops, bool_masked_pos=masks, patch_positions=masks)
@@ -98,15 +100,17 @@ class SelfDistillation(nn.Module):
         if local_crops.shape[0]:
             student_cls = torch.cat([student_cls, self.student(local_crops).cls_logits])  # [(2 + N) * B, K], crop-major
         per_crop_cls = global_output.cls_tokens.chunk(self.num_global_crops)  # 2 x [B, D]
-        values = {
-            "dino": self.dino_loss(student_cls, targets["cls"], self.num_global_crops),
-            "ibot": self.ibot_loss(global_output.masked_patch_logits, targets["patches"], masks),
-            "koleo": torch.stack([self.koleo_loss(view) for view in per_crop_cls]).mean(),
-        }
-        if targets["gram"] is not None:
-            values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
+        with _full_precision(global_crops):
+            values = {
+                "dino": self.dino_loss(student_cls, targets["cls"], self.num_global_crops),
+                "ibot": self.ibot_loss(global_output.masked_patch_logits, targets["patches"], masks),
+                "koleo": torch.stack([self.koleo_loss(view) for view in per_crop_cls]).mean(),
+            }
+            if targets["gram"] is not None:
+                values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
         scales = {"koleo": self.num_global_crops}  # DINOv3's koleo_scale; every other term has scale 1
-        values["loss"] = sum(self.loss_weights[name] * scales.get(name, 1) * value for name, value in values.items())
+        weights = self.loss_weights if dino_loss_weight is None else {**self.loss_weights, "dino": dino_loss_weight}
+        values["loss"] = sum(weights[name] * scales.get(name, 1) * value for name, value in values.items())
         self.last_diagnostics = self.diagnostics(targets, global_output.cls_tokens)
         return values
 
@@ -146,3 +150,9 @@ class SelfDistillation(nn.Module):
     def refresh_gram_teacher(self) -> None:
         """Stage 2: the Gram teacher becomes a copy of the current EMA teacher."""
         self.gram_teacher.load_state_dict(self.teacher.state_dict())
+
+
+def _full_precision(reference: torch.Tensor):
+    """Targets and losses in float32 even under bf16 autocast (which would run their einsums and matmuls in bf16,
+    quantising a loss near log K to steps of 0.03): the networks run in bf16, the arithmetic on their outputs not."""
+    return torch.autocast(device_type=reference.device.type, enabled=False)
