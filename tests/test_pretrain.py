@@ -47,6 +47,10 @@ def test_schedules_are_plain_arrays_with_warmup_and_cosine():
     assert schedule[-1] == pytest.approx(0.1) and np.all(np.diff(schedule[5:]) <= 1e-12)
     temperature = linear_then_constant(0.04, 0.07, iterations=10, ramp_iterations=4)
     np.testing.assert_allclose(temperature, [0.04, 0.0475, 0.055, 0.0625] + [0.07] * 6)
+    # a run shorter than its warm-up stops part-way up the ramp at DINOv3's slope (the tiny recipe: 200 iterations of
+    # a 30-epoch teacher-temperature warm-up end at 0.044), never a ramp squeezed into the run
+    np.testing.assert_allclose(linear_then_constant(0.04, 0.07, iterations=3, ramp_iterations=6), [0.04, 0.045, 0.05])
+    np.testing.assert_allclose(cosine_schedule(1.0, 0.1, iterations=3, warmup_iterations=6), [0, 1 / 6, 2 / 6])
     np.testing.assert_allclose(delayed_ramp(2.0, iterations=10, delay_iterations=3, ramp_iterations=4),
                                [0, 0, 0, 0, 0.5, 1.0, 1.5, 2, 2, 2])
     np.testing.assert_allclose(delayed_ramp(2.0, iterations=4, delay_iterations=0, ramp_iterations=0), [2] * 4)  # DINOv3
@@ -329,3 +333,18 @@ def test_under_bf16_autocast_the_networks_run_in_bf16_and_the_losses_in_float32(
         assert mixed[name].dtype == torch.float32, name
         assert float(mixed[name]) == pytest.approx(float(exact[name]), rel=2e-3, abs=2e-3), name
     assert float(mixed["dino"]) != float(exact["dino"])  # really computed from bf16 outputs
+
+
+def test_softmax_centring_keeps_its_own_centre_for_the_patches_as_dinov3():
+    """DINOv3's iBOT loss centres its teacher patch scores with its own EMA centre (momentum 0.9), apart from the CLS
+    centre: the second call's patch targets are softmax((scores - 0.1 x first call's mean score) / T)."""
+    _, model, _, batch, _, _ = _step_setup(centering="softmax")
+    model.eval()
+    scores = model.teacher(batch["global_crops"], patch_positions=batch["masks"])
+    model.teacher_targets(batch, 0.04)
+    second = model.teacher_targets(batch, 0.04)
+    for field, targets in (("masked_patch_logits", second["patches"]), ("cls_logits", second["cls"])):
+        logits = getattr(scores, field).float()
+        expected = torch.softmax((logits - 0.1 * logits.mean(dim=0, keepdim=True)) / 0.04, dim=-1)
+        torch.testing.assert_close(targets, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model.centering.center, model.patch_centering.center)  # two centres

@@ -27,7 +27,7 @@ class PretrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.2  # the 0.04 → 0.2 (DINOv2); DINOv3 ends at 0.4
+    weight_decay_end: float = 0.4  # DINOv3 (ssl_default_config: optim.weight_decay_end)
     teacher_momentum: float = 0.992
     teacher_momentum_end: float = 1.0
     teacher_temperature: float = 0.07

@@ -12,9 +12,10 @@ from braindino.train.pretraining.recipe import PretrainConfig
 
 def cosine_schedule(start: float, end: float, iterations: int, warmup_iterations: int = 0,
                     warmup_start: float = 0.0) -> np.ndarray:
-    """`iterations` values: linear warm-up from `warmup_start` to `start`, then a cosine from `start` to `end`."""
-    warmup_iterations = min(warmup_iterations, iterations)
-    warmup = np.linspace(warmup_start, start, warmup_iterations, endpoint=False)
+    """`iterations` values: linear warm-up from `warmup_start` to `start`, then a cosine from `start` to `end`. A run
+    shorter than its warm-up ends part-way up the ramp (warm-ups count iterations, as DINOv3's schedules do)."""
+    warmup = np.linspace(warmup_start, start, warmup_iterations, endpoint=False)[:iterations]
+    warmup_iterations = len(warmup)
     steps = np.arange(iterations - warmup_iterations)
     span = max(len(steps) - 1, 1)
     cosine = end + 0.5 * (start - end) * (1 + np.cos(np.pi * steps / span))
@@ -22,10 +23,10 @@ def cosine_schedule(start: float, end: float, iterations: int, warmup_iterations
 
 
 def linear_then_constant(start: float, end: float, iterations: int, ramp_iterations: int) -> np.ndarray:
-    """Linear from `start` to `end` over `ramp_iterations`, then `end` (DINO's teacher-temperature warm-up)."""
-    ramp_iterations = min(ramp_iterations, iterations)
-    return np.concatenate([np.linspace(start, end, ramp_iterations, endpoint=False),
-                           np.full(iterations - ramp_iterations, end)])
+    """Linear from `start` to `end` over `ramp_iterations`, then `end` (DINO's teacher-temperature warm-up); a run
+    shorter than the ramp stops part-way up it, the ramp's slope is never steepened to fit the run."""
+    ramp = np.linspace(start, end, ramp_iterations, endpoint=False)[:iterations]
+    return np.concatenate([ramp, np.full(iterations - len(ramp), end)])
 
 
 @dataclass

@@ -58,7 +58,9 @@ class SelfDistillation(nn.Module):
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
         self.gram_teacher = copy.deepcopy(self.teacher) if config.gram_loss_weight > 0 else None
         num_prototypes = student.config.num_prototypes
+        # softmax mode: CLS and patch targets each keep their own centre, as DINOv3's DINO and iBOT losses do
         self.centering = SoftmaxCentering(num_prototypes) if config.centering == "softmax" else None
+        self.patch_centering = SoftmaxCentering(num_prototypes) if config.centering == "softmax" else None
         self.dino_loss = DinoClsTokenLoss(config.student_temperature)
         self.ibot_loss = IBotPatchLoss(config.student_temperature)
         self.koleo_loss = KoLeoLoss()
@@ -87,7 +89,7 @@ class SelfDistillation(nn.Module):
                 patch_targets = sinkhorn_knopp(output.masked_patch_logits, temperature)
             else:
                 cls_targets = self.centering(output.cls_logits, temperature)
-                patch_targets = torch.softmax(output.masked_patch_logits.float() / temperature, dim=-1)
+                patch_targets = self.patch_centering(output.masked_patch_logits, temperature)
         gram = self.gram_teacher.braindino(global_crops).patch_tokens if self.gram_teacher is not None else None
         return {"cls": cls_targets, "patches": patch_targets, "gram": gram}
 
