@@ -85,6 +85,10 @@ def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_
     subjects = sorted(exported["test_predictions"])
     # the CLI's default precision is auto (bf16 on CPUs with AVX512-BF16, as here); the cache and results say which
     assert results["backbone_dtype"] == dtype_name(resolve_dtype("auto", "cpu"))
+    # encoded in bf16 here, the exported head still carries the backbone's own float32 weights, not rounded ones
+    exported_backbone = BrainDinoForRegression.from_pretrained(out / "model").braindino.state_dict()
+    for name, tensor in load_backbone(preset="tiny").model.state_dict().items():
+        assert torch.equal(exported_backbone[name], tensor), name
     cache = FeatureCache(out / "feature-cache", load_backbone(preset="tiny", num_slices=8, size=64, dtype=results["backbone_dtype"]))
     torch.save(cache.slice_embeddings([paths[subject] for subject in subjects]), tmp_path / "embeddings.pt")
     expected = [exported["test_predictions"][subject] for subject in subjects]

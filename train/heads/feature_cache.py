@@ -62,6 +62,13 @@ class Backbone:
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    float32_weights: dict[str, torch.Tensor] | None = None  # the weights as loaded, where the model runs in 16 bits
+
+    def state_dict_float32(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights as stored (not rounded to the precision it encodes in): what heads start from and
+        export, so a head trained with `--dtype bfloat16` does not carry a bf16-rounded backbone."""
+        return self.float32_weights if self.float32_weights is not None else self.model.state_dict()
+
     @property
     def device(self) -> torch.device:
         return self.model.embeddings.patch_embeddings.weight.device
@@ -104,7 +111,10 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
     backbone = Backbone(model=model, processor=processor, description=description, random_init=preset is not None)
     backbone.fingerprint  # noqa: B018 -- of the weights as stored, before the cast
     device = resolve_device(device)
-    model.to(device=device, dtype=resolve_dtype(dtype, device))
+    dtype = resolve_dtype(dtype, device)
+    if dtype != torch.float32:
+        backbone.float32_weights = {name: tensor.detach().float().clone() for name, tensor in model.state_dict().items()}
+    model.to(device=device, dtype=dtype)
     return backbone
 
 

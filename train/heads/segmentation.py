@@ -24,8 +24,8 @@ def _segmentation_model(backbone: Backbone, config: HeadTrainingConfig) -> Brain
     head_config.id2label = dict(enumerate(SEGMENTATION_LABELS))
     head_config.label2id = {name: index for index, name in enumerate(SEGMENTATION_LABELS)}
     model = BrainDinoForSegmentation(head_config)
-    model.braindino.load_state_dict(backbone.model.state_dict())
-    return model
+    model.braindino.load_state_dict(backbone.state_dict_float32())
+    return model.to(backbone.device)  # the trainable decoder in float32 on the backbone's device
 
 
 def _segmentation_slices(processor, sample: Sample):
@@ -64,20 +64,23 @@ def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: Hea
     processor = copy.deepcopy(backbone.processor)
     processor.num_slices = None  # every non-empty slice, so masks map back exactly
     model = _segmentation_model(backbone, config)
+    device = backbone.device
     train_pixels, train_labels = _training_slices(processor, samples, train, rng)
+    train_labels = train_labels.to(device)
     # One contrast: the frozen backbone's multi-block features are computed once, in memory (float16).
     cache_features = len(config.inputs) == 1
     if cache_features:
-        train_inputs = torch.cat([model.patch_features(train_pixels[start : start + config.slice_batch_size]).half()
-                                  for start in range(0, len(train_pixels), config.slice_batch_size)])
-        inputs_of = lambda batch: {"patch_features": train_inputs[batch].float()}  # noqa: E731
+        with torch.no_grad():
+            train_inputs = torch.cat([model.patch_features(train_pixels[start : start + config.slice_batch_size].to(device)).half()
+                                      for start in range(0, len(train_pixels), config.slice_batch_size)])
+        inputs_of = lambda batch: {"patch_features": train_inputs[batch.to(device)].float()}  # noqa: E731
     else:
-        inputs_of = lambda batch: {"pixel_values": train_pixels[batch]}  # noqa: E731
+        inputs_of = lambda batch: {"pixel_values": train_pixels[batch].to(device)}  # noqa: E731
     validate = None
     if len(validation):
         validation_pixels, validation_labels = _training_slices(processor, samples, validation, rng)
         validate = lambda: criterion(torch.cat([  # noqa: E731
-            model(validation_pixels[start : start + config.slice_batch_size]).logits
+            model(validation_pixels[start : start + config.slice_batch_size].to(device)).logits.cpu()
             for start in range(0, len(validation_pixels), config.slice_batch_size)]), validation_labels)
     started = time.perf_counter()
     fit = fit_head(model, inputs_of, train_labels, validate, config, seed)
@@ -86,7 +89,8 @@ def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: Hea
     # test volumes go through the segmentation pipeline: the same code path users run, mask on the input grid
     from braindino.pipelines import BrainTumorSegmentationPipeline
 
-    segment = BrainTumorSegmentationPipeline(model=model, image_processor=processor, task="brain-tumor-segmentation")
+    segment = BrainTumorSegmentationPipeline(model=model, image_processor=processor, task="brain-tumor-segmentation",
+                                             device=device)
     fit["test_masks"] = [segment(dict(zip(config.inputs, samples[index].inputs)),
                                  slice_batch_size=config.slice_batch_size)["mask"] for index in test]
     fit["test_subjects"] = [samples[index].name for index in test]

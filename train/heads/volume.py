@@ -64,7 +64,7 @@ def _volume_model(backbone: Backbone, config: HeadTrainingConfig, samples: list[
             head_config.label2id = {config.target: 0}
         head_config.problem_type = "regression" if config.task == "regression" else "survival"
         model = BrainDinoForRegression(head_config)
-    model.braindino.load_state_dict(backbone.model.state_dict())
+    model.braindino.load_state_dict(backbone.state_dict_float32())
     return model
 
 
