@@ -57,13 +57,13 @@ def volume_loader(sources: list[str | Path], processor: BrainDinoImageProcessor,
 @dataclass
 class _Pending:
     item: dict
-    taken: int = 0  # slices handed to a batch so far
+    taken: int = 0  # slices handed to a batch (and encoded) so far
     cls_tokens: list = field(default_factory=list)
     patch_means: list = field(default_factory=list)
 
     @property
     def num_slices(self) -> int:
-        return self.item["slices"].shape[0]
+        return 0 if "error" in self.item else self.item["slices"].shape[0]  # a failed item is done at once
 
 
 def encode_packed(items: Iterable[dict], model: BrainDinoModel, slice_batch_size: int) -> Iterator[tuple[dict, dict]]:
@@ -73,8 +73,8 @@ def encode_packed(items: Iterable[dict], model: BrainDinoModel, slice_batch_size
     waiting: deque[_Pending] = deque()
     buffered = 0
     for item in items:
-        waiting.append(_Pending(item) if "error" not in item else _Pending(item, taken=-1))
-        buffered += waiting[-1].num_slices if "error" not in item else 0
+        waiting.append(_Pending(item))
+        buffered += waiting[-1].num_slices
         while buffered >= slice_batch_size:
             buffered -= _encode_one_batch(waiting, model, slice_batch_size)
             yield from _finished(waiting)
@@ -93,7 +93,7 @@ def _encode_one_batch(waiting: deque[_Pending], model: BrainDinoModel, slice_bat
         room = slice_batch_size - sum(part.shape[0] for part in parts)
         if room == 0:
             break
-        if pending.taken < 0 or pending.taken == pending.num_slices:
+        if pending.taken == pending.num_slices:
             continue
         part = pending.item["slices"][pending.taken : pending.taken + room]
         pending.taken += part.shape[0]
@@ -111,9 +111,9 @@ def _encode_one_batch(waiting: deque[_Pending], model: BrainDinoModel, slice_bat
 
 def _finished(waiting: deque[_Pending]) -> Iterator[tuple[dict, dict | None]]:
     """Pop the volumes at the front whose slices are all encoded (and the failed items among them), in order."""
-    while waiting and (waiting[0].taken < 0 or sum(map(len, waiting[0].cls_tokens)) == waiting[0].num_slices):
+    while waiting and waiting[0].taken == waiting[0].num_slices:
         pending = waiting.popleft()
-        if pending.taken < 0:
+        if not pending.num_slices:
             yield pending.item, None
             continue
         cls_tokens = torch.cat(pending.cls_tokens)
