@@ -115,6 +115,32 @@ def test_collator_shapes_channels_and_mask_shares():
     assert ratios.max() <= 0.5 + 1e-6
 
 
+def test_gram_crops_are_the_global_views_finer_and_undistorted():
+    """Stage 2: `gram_crops` sample the global crops' boxes at twice the size from the slice itself. Without intensity
+    changes, 2 x 2 average pooling of a Gram crop gives its global crop (up to resampling of a smooth slice);
+    with them, the Gram crops do not change (DINOv3's gram_teacher_no_distortions) while the global crops do."""
+    yy, xx = np.mgrid[:80, :80]
+    smooth = np.exp(-((yy - 40) ** 2 + (xx - 36) ** 2) / (2 * 14.0**2)).astype(np.float32) + 0.1
+    rows = _rows(np.stack([smooth, smooth.T]))
+    plain = MultiCropConfig(global_crop_size=32, local_crops_number=0, gram_teacher_crop_size=64,
+                            augment_probability=0.0, blur_probability=(0.0, 0.0, 0.0))
+    torch.manual_seed(3)
+    batch = MultiCropCollator(plain)(rows)
+    assert batch["gram_crops"].shape == (4, 3, 64, 64)
+    pooled = F.avg_pool2d(batch["gram_crops"], 2)
+    scale = float(batch["global_crops"].abs().max())
+    assert float((pooled - batch["global_crops"]).abs().max()) < 0.02 * scale
+    other_view = pooled.roll(1, dims=0)  # each crop against another sample's or view's
+    assert float((other_view - batch["global_crops"]).abs().max()) > 0.1 * scale
+
+    torch.manual_seed(3)
+    augmented = MultiCropCollator(MultiCropConfig(global_crop_size=32, local_crops_number=0, gram_teacher_crop_size=64,
+                                                  augment_probability=1.0))(rows)
+    assert torch.equal(augmented["gram_crops"], batch["gram_crops"])
+    assert not torch.equal(augmented["global_crops"], batch["global_crops"])
+    assert "gram_crops" not in MultiCropCollator(MultiCropConfig(global_crop_size=32, local_crops_number=0))(rows)
+
+
 @pytest.mark.parametrize("local_crops_number", [0, 2])
 def test_collator_without_local_crops(local_crops_number):
     config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=local_crops_number)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, resize_patch_grid, sinkhorn_knopp
 
 
 def test_sinkhorn_knopp_rows_sum_to_one_and_prototypes_are_balanced():
@@ -86,6 +86,22 @@ def test_gram_loss_matches_the_element_loop_and_ignores_feature_scale():
     total = sum(float((s[b, i] @ s[b, j] - t[b, i] @ t[b, j]) ** 2) for b in range(2) for i in range(4) for j in range(4))
     assert math.isclose(float(GramLoss()(student, teacher)), total / 32, rel_tol=1e-5)
     assert float(GramLoss()(student * 3.0, student)) < 1e-10
+
+
+def test_gram_teacher_features_resize_to_the_student_grid_as_dinov3_resamples_them():
+    """Bicubic with align_corners=False reproduces a linear ramp exactly away from the border: a 16 x 16 grid brought
+    to 8 x 8 samples the fine grid at 2p + 0.5. Rows and columns get different slopes in every channel, so a
+    transposed or column-major layout fails; the border (clamped taps) is left out."""
+    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    slopes = torch.tensor([[1.0, 0.1], [-0.5, 2.0], [0.0, 3.0]])  # [D, (row, column)]
+    fine = (slopes[:, :1, None] * y + slopes[:, 1:, None] * x).flatten(1).T[None]  # [1, 256, 3], row-major
+    coarse = resize_patch_grid(fine, 8).view(8, 8, 3)
+    positions = 2 * torch.arange(8.0) + 0.5
+    expected = slopes[:, 0] * positions[:, None, None] + slopes[:, 1] * positions[None, :, None]
+    torch.testing.assert_close(coarse[1:-1, 1:-1], expected[1:-1, 1:-1], atol=1e-4, rtol=0)
+    assert resize_patch_grid(fine, 16) is fine  # same grid: untouched
+    with pytest.raises(ValueError, match="not a square grid"):
+        resize_patch_grid(fine[:, :255], 8)
 
 
 def test_softmax_centering_moves_the_centre_towards_the_batch_mean():

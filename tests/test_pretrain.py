@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoModelForPreTraining
 from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoModel
 from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
+from braindino.train.pretraining.recipe import RECIPES_DIR, PretrainConfig
 from braindino.train.pretraining.schedules import cosine_schedule, delayed_ramp, linear_then_constant
 from braindino.train.data.synthetic import write_synthetic_corpus
 from conftest import MICRO_MODEL, assert_hub_valid_card
@@ -231,15 +232,28 @@ def test_teacher_update_is_the_ema_of_the_student():
         torch.testing.assert_close(new, 0.9 * old + 0.1 * student)
 
 
+@pytest.mark.parametrize("name", sorted(path.stem for path in RECIPES_DIR.glob("*.json")))
+def test_every_bundled_recipe_loads_with_crops_on_its_patch_grid(name):
+    """A bundled recipe with an unknown key or crops off the patch grid fails here, not hours into a run; stage-2
+    recipes give the Gram teacher larger crops than the student's, as DINOv3 does."""
+    recipe = PretrainConfig.load(name)
+    patch_size = BrainDinoConfig.from_preset(recipe.preset, **recipe.model_overrides).patch_size
+    sizes = [recipe.global_crop_size, recipe.local_crop_size] + [recipe.gram_teacher_crop_size or patch_size]
+    assert all(size % patch_size == 0 for size in sizes)
+    if recipe.gram_loss_weight:
+        assert recipe.gram_teacher_crop_size > recipe.global_crop_size
+
+
 def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(recipe, tmp_path):
-    """Stage 2 inside the real loop: the Gram term is logged and weighted into the loss, and the Gram teacher is the
-    EMA teacher copied every `gram_teacher_refresh_iterations` (here 3): equal to it right after a refresh (iteration
-    6), behind it in between (iteration 5)."""
+    """Stage 2 inside the real loop, with DINOv3's higher-resolution Gram crops (64 px for 32 px global crops, the
+    teacher's 4 x 4 patch grid resized to the student's 2 x 2): the Gram term is logged and weighted into the loss,
+    and the Gram teacher is the EMA teacher copied every `gram_teacher_refresh_iterations` (here 3): equal to it
+    right after a refresh (iteration 6), behind it in between (iteration 5)."""
     from safetensors.torch import load_file
 
     stage2 = tmp_path / "stage2.json"
     stage2.write_text(json.dumps({**json.loads(recipe.read_text()), "iterations": 6, "gram_loss_weight": 1.0,
-                                  "gram_teacher_refresh_iterations": 3, "checkpoint_every": 5, "keep_checkpoints": 3}))
+                                  "gram_teacher_crop_size": 64, "gram_teacher_refresh_iterations": 3, "checkpoint_every": 5, "keep_checkpoints": 3}))
     result = subprocess.run(_command(stage2, tmp_path / "run"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = _losses(tmp_path / "run")

@@ -44,6 +44,8 @@ class MultiCropConfig:
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)
 
     global_crops_number: int = 2  # DINO's teacher sees exactly two global views
+    # Stage 2: the Gram teacher sees the global views at this size (DINOv3: twice the student's), undistorted.
+    gram_teacher_crop_size: int | None = None
 
 
 def sample_crop_boxes(
@@ -182,7 +184,9 @@ class MultiCropCollator:
       (all samples' first crop, then all samples' second crop);
     - `local_crops` `(N * B, C, L, L)`: the student's local views, crop-major;
     - `masks` `(2 * B, (G / patch) ** 2)` bool: iBOT masks for the global crops (about half of them masked);
-    - `batch_size`: B.
+    - `batch_size`: B;
+    - with `gram_teacher_crop_size` S, `gram_crops` `(2 * B, C, S, S)`: the global crops' boxes sampled at S from
+      the slice itself, without intensity changes (DINOv3's `gram_teacher_no_distortions`).
     """
 
     def __init__(self, config: MultiCropConfig):
@@ -196,6 +200,10 @@ class MultiCropCollator:
 
         global_theta = sample_crop_boxes(boxes, config.global_crops_number, config.global_crop_scale, config.flip_probability)
         global_crops = crop(slices, global_theta, config.global_crop_size)  # [2 * B, 1, G, G]
+        extra = {}
+        if config.gram_teacher_crop_size:
+            gram_crops = crop(slices, global_theta, config.gram_teacher_crop_size)  # the same views, finer
+            extra["gram_crops"] = gram_crops.expand(-1, config.num_channels, -1, -1).contiguous()
         first, second = global_crops[:batch_size], global_crops[batch_size:]
         global_crops = torch.cat([
             augment_intensity(first, config, config.blur_probability[0]),
@@ -211,6 +219,7 @@ class MultiCropCollator:
             "local_crops": local_crops.expand(-1, config.num_channels, -1, -1).contiguous(),
             "masks": self.masks(global_crops.shape[0]),
             "batch_size": batch_size,
+            **extra,
         }
 
     def masks(self, num_crops: int) -> torch.Tensor:

@@ -151,7 +151,8 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     collator = MultiCropCollator(MultiCropConfig(
         global_crop_size=config.global_crop_size, local_crop_size=config.local_crop_size,
         local_crops_number=config.local_crops_number, patch_size=student.config.patch_size,
-        num_channels=student.config.num_channels))
+        num_channels=student.config.num_channels,
+        gram_teacher_crop_size=config.gram_teacher_crop_size if config.gram_loss_weight > 0 else None))
     _start_run(accelerator, config)
     knn_monitor = _knn_monitor(config, accelerator)
     progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="pretrain",

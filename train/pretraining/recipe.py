@@ -48,6 +48,9 @@ class PretrainConfig:
     koleo_loss_weight: float = 0.1
     gram_loss_weight: float = 0.0  # stage 2: 1.0
     gram_teacher_refresh_iterations: int = 1000
+    # Stage 2: the Gram teacher's global crops (DINOv3: twice the student's), its patch features resized to the
+    # student's grid; None = the Gram teacher sees the student's global crops.
+    gram_teacher_crop_size: int | None = None
     global_crop_size: int = 224
     local_crop_size: int = 96
     local_crops_number: int = 8

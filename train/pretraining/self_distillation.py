@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining
-from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, resize_patch_grid, sinkhorn_knopp
 from braindino.train.pretraining.recipe import PretrainConfig
 
 HEAD_SIZES = ("head_hidden_size", "head_bottleneck_size", "head_num_layers", "num_prototypes")
@@ -80,7 +80,8 @@ class SelfDistillation(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, batch: dict, temperature: float) -> dict[str, torch.Tensor | None]:
         """Centred teacher targets for the CLS tokens `(2B, K)` and the masked patches `(M, K)` of the global crops,
-        and the Gram teacher's patch tokens where there is one."""
+        and the Gram teacher's patch tokens where there is one: of the batch's `gram_crops` where it has them (the
+        same views at a higher resolution), resized to the student's patch grid."""
         global_crops, masks = batch["global_crops"], batch["masks"]
         output = self.teacher(global_crops, patch_positions=masks)
         with _full_precision(global_crops):
@@ -90,7 +91,11 @@ class SelfDistillation(nn.Module):
             else:
                 cls_targets = self.centering(output.cls_logits, temperature)
                 patch_targets = self.patch_centering(output.masked_patch_logits, temperature)
-        gram = self.gram_teacher.braindino(global_crops).patch_tokens if self.gram_teacher is not None else None
+        gram = None
+        if self.gram_teacher is not None:
+            gram = self.gram_teacher.braindino(batch.get("gram_crops", global_crops)).patch_tokens
+            with _full_precision(global_crops):
+                gram = resize_patch_grid(gram, math.isqrt(masks.shape[1]))
         return {"cls": cls_targets, "patches": patch_targets, "gram": gram}
 
     def forward(self, batch: dict, teacher_temperature: float, dino_loss_weight: float | None = None) -> dict[str, torch.Tensor]:

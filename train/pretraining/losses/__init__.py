@@ -2,8 +2,8 @@
 
 from .centering import SoftmaxCentering, sinkhorn_knopp
 from .dino_clstoken_loss import DinoClsTokenLoss
-from .gram_loss import GramLoss
+from .gram_loss import GramLoss, resize_patch_grid
 from .ibot_patch_loss import IBotPatchLoss
 from .koleo_loss import KoLeoLoss
 
-__all__ = ["DinoClsTokenLoss", "GramLoss", "IBotPatchLoss", "KoLeoLoss", "SoftmaxCentering", "sinkhorn_knopp"]
+__all__ = ["DinoClsTokenLoss", "GramLoss", "IBotPatchLoss", "KoLeoLoss", "SoftmaxCentering", "resize_patch_grid", "sinkhorn_knopp"]
