@@ -349,6 +349,27 @@ def test_under_bf16_autocast_the_networks_run_in_bf16_and_the_losses_in_float32(
     assert float(mixed["dino"]) != float(exact["dino"])  # really computed from bf16 outputs
 
 
+def test_compiled_backbones_give_the_eager_losses_and_gradients():
+    """The recipe's `compile`: torch.compile'd backbones (inductor, here on the CPU) compute the same losses and student
+    gradients as eager ones, and the state dict keeps its names, so checkpoints and exports do not change."""
+    import copy
+
+    _, eager, _, batch, _, _ = _step_setup()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_backbones()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        model.eval()  # no RoPE augmentation: both see the same network (compiled code draws its own random numbers)
+        losses[name] = model(batch, teacher_temperature=0.04)
+        losses[name]["loss"].backward()
+    for term in ("dino", "ibot", "koleo", "loss"):
+        assert float(losses["compiled"][term]) == pytest.approx(float(losses["eager"][term]), rel=1e-3), term
+    for (name, reference), parameter in zip(eager.student.named_parameters(), compiled.student.parameters()):
+        if reference.grad is not None and reference.grad.norm() > 0:
+            assert float((parameter.grad - reference.grad).norm() / reference.grad.norm()) < 1e-2, name
+
+
 def test_softmax_centring_keeps_its_own_centre_for_the_patches_as_dinov3():
     """DINOv3's iBOT loss centres its teacher patch scores with its own EMA centre (momentum 0.9), apart from the CLS
     centre: the second call's patch targets are softmax((scores - 0.1 x first call's mean score) / T)."""

@@ -167,7 +167,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                                  num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
                                  init_format=args.init_format, mixed_precision=args.mixed_precision,
                                  time_limit_minutes=args.time_limit_minutes, knn_labels=args.knn_labels,
-                                 knn_every=args.knn_every)
+                                 knn_every=args.knn_every, compile=args.compile or None)
     if args.tracker is not None:
         config.tracker = None if args.tracker == "none" else args.tracker
     if not config.corpus:
@@ -191,6 +191,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
                         help="autocast precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else no)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (the recipe's `compile`)")
     parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
     parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")

@@ -141,6 +141,8 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     model = SelfDistillation(student, config)
+    if config.compile:
+        model.compile_backbones()
     optimizer = build_optimizer(student, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedules = build_schedules(config, config.batch_size * world_size)

@@ -58,6 +58,7 @@ class PretrainConfig:
     num_workers: int = 2
     mixed_precision: str = "no"  # "bf16" / "fp16" where the hardware has them; "auto": bf16 where it is native, else "no"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student's and teachers' backbones (DINOv3's train.compile)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10

@@ -70,6 +70,13 @@ class SelfDistillation(nn.Module):
         self.num_global_crops = 2
         self.last_diagnostics: dict[str, torch.Tensor] = {}
 
+    def compile_backbones(self) -> None:
+        """`torch.compile` each backbone in place (parameter names and checkpoints unchanged); the heads and losses
+        stay eager, as they are a few matmuls."""
+        for network in (self.student, self.teacher, self.gram_teacher):
+            if network is not None:
+                network.braindino.compile()
+
     def train(self, mode: bool = True) -> "SelfDistillation":
         super().train(mode)
         self.teacher.eval()  # teachers never train: no drop-path, no RoPE augmentation
