@@ -92,7 +92,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers,
-                   pretrain_minutes=args.pretrain_minutes, device=args.device, dtype=args.dtype)
+                   pretrain_minutes=args.pretrain_minutes, device=args.device, dtype=args.dtype, recipe=args.recipe)
     return 0
 
 
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--held-out", type=int, default=2)
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.add_argument("--pretrain-minutes", type=float, default=3.0, help="wall-time budget of the pretraining step")
+    quickstart.add_argument("--recipe", default="tiny", help="pretraining recipe: a bundled name or a JSON file")
     quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     _add_runtime_arguments(quickstart, loader_workers=False)
     quickstart.set_defaults(run=_quickstart)

@@ -54,9 +54,10 @@ def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers
 
 
 def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, seed: int = 0, workers: int = 2,
-                   pretrain_minutes: float = 3.0, device: str = "auto", dtype: str = "auto") -> Path:
-    """Run every stage into `out_dir`; return the report's path. `device`/`dtype`: where and in which precision the
-    frozen backbone encodes for the features, heads and pipelines (`braindino.precision`)."""
+                   pretrain_minutes: float = 3.0, device: str = "auto", dtype: str = "auto", recipe: str = "tiny") -> Path:
+    """Run every stage into `out_dir`; return the report's path. `recipe`: the pretraining recipe (a bundled name or a
+    JSON file); `device`/`dtype`: where and in which precision the frozen backbone encodes for the features, heads and
+    pipelines (`braindino.precision`)."""
     from braindino.example_data import write_mni152_t1
     from braindino.train.data.synthetic import CONTRASTS
     from braindino.train.heads.feature_cache import extract_features, load_backbone
@@ -69,10 +70,11 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
           flush=True)
     facts = _data_stages(out_dir, subjects, held_out, seed, workers, timings)
 
-    started = _step(4, TOTAL_STEPS, f"pretraining the tiny backbone for at most {pretrain_minutes:g} min (DINO + iBOT + KoLeo)")
-    recipe = PretrainConfig.load("tiny", corpus=str(out_dir / "corpus"), output_dir=str(out_dir / "pretrain"),
+    started = _step(4, TOTAL_STEPS, f"pretraining the {recipe} recipe for at most {pretrain_minutes:g} min (DINO + iBOT + KoLeo)")
+    config = PretrainConfig.load(recipe, corpus=str(out_dir / "corpus"), output_dir=str(out_dir / "pretrain"),
                                  time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
-    facts["trained"] = trained = pretrain(recipe, resume=False)
+    facts["trained"] = trained = pretrain(config, resume=False)
+    facts["recipe"] = recipe
     facts["losses"] = [json.loads(line)["loss"] for line in (out_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     timings["pretraining"] = time.perf_counter() - started
 
@@ -114,7 +116,7 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
         f"- slice corpus: {manifest['volumes']} volumes → {manifest['slices']} slices in `corpus/`",
         f"- one loader epoch: {facts['loader_samples']} multi-crop samples (2 x {crops.global_crop_size} px + "
         f"{crops.local_crops_number} x {crops.local_crop_size} px); first sample: `crops.png`",
-        f"- pretraining: {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
+        f"- pretraining (recipe `{facts['recipe']}`): {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
         f"{losses[0]:.3f} → {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}); "
         f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
         f"- features ({facts['backbone'].description}, on {facts['backbone'].device} in "
