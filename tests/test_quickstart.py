@@ -26,7 +26,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert Path(volumes[0]["source"]).name == "synthetic-0004_t1.nii.gz"  # held out: numbered after training
     assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
-    assert "pretraining:" in report
+    assert "pretraining (recipe `tiny`):" in report
     assert set(json.loads((out / "timings.json").read_text())) == {
         "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction", "task heads", "pipelines"}
     age = json.loads((out / "heads" / "brain-age" / "results.json").read_text())
