@@ -36,14 +36,14 @@ TASKS = {  # name → (train-head settings, metric, higher is better)
 }
 
 
-def pretrained_backbone(out: Path, minutes: float, workers: int) -> str:
+def pretrained_backbone(out: Path, recipe_name: str, minutes: float, workers: int) -> str:
     from braindino.train.data.slice_corpus import prepare_corpus
     from braindino.train.pretraining.loop import pretrain
     from braindino.train.pretraining.recipe import PretrainConfig
 
     write_synthetic_corpus(out / "pretrain-subjects", 24, seed=0, workers=workers)
     prepare_corpus([out / "pretrain-subjects"], out / "pretrain-corpus", workers=workers)
-    recipe = PretrainConfig.load("tiny", corpus=str(out / "pretrain-corpus"), output_dir=str(out / "pretrain"),
+    recipe = PretrainConfig.load(recipe_name, corpus=str(out / "pretrain-corpus"), output_dir=str(out / "pretrain"),
                                  time_limit_minutes=minutes, num_workers=workers, tracker=None)
     return pretrain(recipe, resume=False)["backbone"]
 
@@ -51,6 +51,7 @@ def pretrained_backbone(out: Path, minutes: float, workers: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", help="a pretrained BrainDINO folder (default: pretrain one here first)")
+    parser.add_argument("--recipe", default="tiny", help="the recipe pretrained without --backbone (name or JSON file)")
     parser.add_argument("--pretrain-minutes", type=float, default=10.0)
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     started = time.perf_counter()
-    backbone = args.backbone or pretrained_backbone(out, args.pretrain_minutes, args.workers)
+    backbone = args.backbone or pretrained_backbone(out, args.recipe, args.pretrain_minutes, args.workers)
     corpus = out / "synthetic"
     if not (corpus / "labels.csv").exists():
         write_synthetic_corpus(corpus, args.subjects, seed=1, tumor_fraction=0.6, workers=args.workers, first_index=1000)
@@ -84,7 +85,7 @@ def main() -> None:
 
     print(f"\nSYNTHETIC corpus, {args.subjects} subjects; frozen tiny backbones; {time.perf_counter() - started:.0f} s in all")
     print(f"pretrained: {backbone}\n")
-    print("| task | metric | labels (training subjects) | pretrained | random init | trivial baseline | better |")
+    print("| task | metric | labels (training subjects) | pretrained | random init | trivial baseline | ahead |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.tasks:
         for fraction in FRACTIONS:
@@ -95,22 +96,32 @@ def main() -> None:
 
 def _row(name: str, fraction: float, table: dict) -> str:
     """One Markdown row: mean ± std over seeds per backbone, the trivial baseline (over the pretrained runs' test
-    splits, the same subjects), and which backbone is better; a fraction too small for the task says so."""
-    cells, means = [], {}
+    splits, the same subjects), and which backbone is ahead (`_verdict`); a fraction too small for the task says so."""
+    cells, values = [], {}
     results, metric, higher = table[(name, "pretrained")]
     key = str(fraction)
     if key in results["too_few_labels"]:
         return f"| {name} | {metric} | {fraction:.0%} | too few labels: not run | | | |"
     subjects = "/".join(map(str, results["training_subjects"][key]))
     for label in ("pretrained", "random init"):
-        values = table[(name, label)][0]["summary"][key][metric]
-        means[label] = values["mean"] if values["n"] else float("nan")
-        cells.append(f"{values['mean']:.3f} ± {values['std']:.3f}" if values["n"] else "undefined")
+        values[label] = table[(name, label)][0]["summary"][key][metric]
+        cells.append(f"{values[label]['mean']:.3f} ± {values[label]['std']:.3f}" if values[label]["n"] else "undefined")
     baseline_metric, baseline_name = TRIVIAL_BASELINES.get(metric, (None, "an empty mask: 0"))
     baseline = results["summary"][key].get(baseline_metric)
     cells.append(f"{baseline['mean']:.3f} ({baseline_name})" if baseline else baseline_name)
-    better = "pretrained" if (means["pretrained"] > means["random init"]) == higher else "random init"
-    return f"| {name} | {metric} | {fraction:.0%} ({subjects}) | " + " | ".join(cells) + f" | {better} |"
+    return f"| {name} | {metric} | {fraction:.0%} ({subjects}) | " + " | ".join(cells) + f" | {_verdict(values, higher)} |"
+
+
+def _verdict(values: dict, higher: bool) -> str:
+    """Which backbone is ahead, claimed only beyond 2 std of the seeds (the larger spread); one seed claims nothing."""
+    pretrained, random = values["pretrained"], values["random init"]
+    if not (pretrained["n"] and random["n"]):
+        return "undefined"
+    ahead = "pretrained" if (pretrained["mean"] > random["mean"]) == higher else "random init"
+    if min(pretrained["n"], random["n"]) < 2:
+        return f"{ahead} ahead (one seed: no claim)"
+    gap, spread = abs(pretrained["mean"] - random["mean"]), max(pretrained["std"], random["std"])
+    return f"**{ahead}** (> 2 std)" if gap > 2 * spread else f"{ahead} ahead, within 2 std"
 
 
 if __name__ == "__main__":
