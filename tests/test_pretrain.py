@@ -311,6 +311,10 @@ def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path):
     assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
     assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card
     assert_hub_valid_card(tmp_path / "run" / "final" / "backbone" / "README.md")
+    for folder in ("student", "teacher", "backbone"):  # each released folder carries the size it trained at
+        processor = json.loads((tmp_path / "run" / "final" / folder / "preprocessor_config.json").read_text())
+        assert processor["size"] == json.loads(recipe.read_text())["global_crop_size"], folder
+    assert "no image processor saved" not in result.stderr
 
 
 def test_diagnostics_show_the_uniform_state_and_its_absence():

@@ -209,11 +209,12 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     from braindino.train.release.cards import backbone_card
 
     final = Path(config.output_dir) / "final"
+    # the processor at the size the networks trained at, saved first so no folder ever holds the 224 px default
+    processor = BrainDinoImageProcessor(size=config.global_crop_size, num_channels=model.teacher.config.num_channels)
+    for folder in ("student", "teacher", "backbone"):
+        processor.save_pretrained(final / folder)
     model.student.save_pretrained(final / "student")
     model.teacher.save_pretrained(final / "teacher")
-    # the processor at the size the backbone trained at, saved first so the folder never holds the 224 px default
-    BrainDinoImageProcessor(size=config.global_crop_size,
-                            num_channels=model.teacher.config.num_channels).save_pretrained(final / "backbone")
     model.teacher.save_backbone(final / "backbone")
     metrics = Path(config.output_dir) / "metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
