@@ -60,8 +60,8 @@ def export_head(model, processor: BrainDinoImageProcessor, task: str, folder: st
     survival, segmentation), with the pipeline code and `custom_pipelines`."""
     folder = Path(folder)
     model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
+    processor.save_pretrained(folder)  # first, so the model does not write (and warn about) its default one
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
     return folder
 
