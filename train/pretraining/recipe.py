@@ -46,7 +46,7 @@ class PretrainConfig:
     dino_loss_warmup_epochs: float = 0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
-    gram_loss_weight: float = 0.0  # stage 2: 1.0
+    gram_loss_weight: float = 0.0  # stage 2: 2.0, the end value of DINOv3's Gram-weight schedule
     gram_teacher_refresh_iterations: int = 1000
     # Stage 2: the Gram teacher's global crops (DINOv3: twice the student's), its patch features resized to the
     # student's grid; None = the Gram teacher sees the student's global crops.
