@@ -139,7 +139,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     rank, world_size = accelerator.process_index, accelerator.num_processes
     student = build_student(config)
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        student.activation_checkpointing_enable()
     model = SelfDistillation(student, config)
     if config.compile:
         model.compile_backbones()
