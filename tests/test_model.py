@@ -102,7 +102,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, seeded):
     reference = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
     model.zero_grad()
     model.activation_checkpointing_enable()  # transformers 5: gradient_checkpointing_enable is deprecated
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     model(pixel_values).pooler_output.sum().backward()
     assert len(reference) == len(list(model.parameters())) - 1  # all but the unused mask token
     for name, parameter in model.named_parameters():
