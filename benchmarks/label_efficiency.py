@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from seeds import gap_and_spread
+
 from braindino.train.evaluation.head_runs import train_heads
 from braindino.train.evaluation.metrics import TRIVIAL_BASELINES
 from braindino.train.heads.config import HeadTrainingConfig
@@ -117,11 +119,11 @@ def _verdict(values: dict, higher: bool) -> str:
     pretrained, random = values["pretrained"], values["random init"]
     if not (pretrained["n"] and random["n"]):
         return "undefined"
-    ahead = "pretrained" if (pretrained["mean"] > random["mean"]) == higher else "random init"
+    gap, spread = gap_and_spread((pretrained["mean"], pretrained["std"]), (random["mean"], random["std"]), higher)
+    ahead = "pretrained" if gap > 0 else "random init"
     if min(pretrained["n"], random["n"]) < 2:
         return f"{ahead} ahead (one seed: no claim)"
-    gap, spread = abs(pretrained["mean"] - random["mean"]), max(pretrained["std"], random["std"])
-    return f"**{ahead}** (> 2 std)" if gap > 2 * spread else f"{ahead} ahead, within 2 std"
+    return f"**{ahead}** (> 2 std)" if abs(gap) > 2 * spread else f"{ahead} ahead, within 2 std"
 
 
 if __name__ == "__main__":

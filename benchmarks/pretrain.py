@@ -93,6 +93,9 @@ def make_step(which: str, preset: str, batch_size: int, crops: MultiCropConfig, 
     return step, images
 
 
+VARIANTS = ("ours", "theirs", "ours compiled")
+
+
 def throughput_worker(preset: str, precision: str, batch: int, crops: MultiCropConfig, repeats: int) -> None:
     """Child: ours, theirs and ours compiled interleaved at one precision; prints images/s and the first step's losses
     (JSON). Warm-up: two steps each (the compiled one traces its graphs there)."""
@@ -106,9 +109,6 @@ def throughput_worker(preset: str, precision: str, batch: int, crops: MultiCropC
             times[which].append(steps[which][0]()[0])
     print(json.dumps({"rate": {which: steps[which][1] / statistics.median(times[which]) for which in times},
                       "first_losses": first_losses}))
-
-
-VARIANTS = ("ours", "theirs", "ours compiled")
 
 
 def _child_json(*arguments: str) -> dict:

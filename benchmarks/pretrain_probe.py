@@ -32,6 +32,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_au
 from sklearn.model_selection import GroupKFold
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
+from seeds import gap_and_spread
 from sklearn.preprocessing import StandardScaler
 
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
@@ -101,8 +102,7 @@ def summary_rows(results: dict) -> list[str]:
             if np.isnan(ours).any():
                 lines.append(f"| {size} | {fraction:g} | {metric} | too few labels | too few labels | — |")
                 continue
-            gap = (ours.mean() - theirs.mean()) * (1 if HIGHER_IS_BETTER(metric) else -1)
-            spread = max(ours.std(), theirs.std())
+            gap, spread = gap_and_spread((ours.mean(), ours.std()), (theirs.mean(), theirs.std()), HIGHER_IS_BETTER(metric))
             verdict = "yes" if gap > 2 * spread else ("ahead, within 2 std" if gap > 0 else "no")
             lines.append(f"| {size} | {fraction:g} | {metric} | {ours.mean():.3f} ± {ours.std():.3f} | "
                          f"{theirs.mean():.3f} ± {theirs.std():.3f} | {verdict} |")

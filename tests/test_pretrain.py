@@ -238,7 +238,7 @@ def test_every_bundled_recipe_loads_with_crops_on_its_patch_grid(name):
     recipes give the Gram teacher larger crops than the student's, as DINOv3 does."""
     recipe = PretrainConfig.load(name)
     patch_size = BrainDinoConfig.from_preset(recipe.preset, **recipe.model_overrides).patch_size
-    sizes = [recipe.global_crop_size, recipe.local_crop_size] + [recipe.gram_teacher_crop_size or patch_size]
+    sizes = [recipe.global_crop_size, recipe.local_crop_size, recipe.gram_teacher_crop_size or patch_size]
     assert all(size % patch_size == 0 for size in sizes)
     if recipe.gram_loss_weight:
         assert recipe.gram_teacher_crop_size > recipe.global_crop_size
