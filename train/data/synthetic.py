@@ -8,6 +8,10 @@ a real population-average brain) and gets:
 - optionally a disease label with a distinct pattern: focal grey-matter loss in both medial temporal lobes;
 - optionally a tumour: necrotic core, enhancing rim and oedema with irregular borders, and a label mask in
   the BraTS 2023 convention (1 = necrotic core, 2 = oedema, 3 = enhancing tumour);
+- blood vessels that take up gadolinium in every subject: cortical veins and dural sinuses along the brain's
+  surface (patchy) and the choroid plexus in the posterior lateral ventricles. Without them a tumour-free subject's
+  T1 and T1ce were one distribution and no classifier could tell the two sequences apart; with them T1ce is told
+  from T1 the way a radiologist tells it, by its bright vessels;
 - four contrasts (T1, T1ce, T2, FLAIR) from per-tissue intensities, a multiplicative bias field and Rician
   noise, skull-stripped like the paper's inputs;
 - a varied voxel size (in-plane 1.8–2.4 mm, slices 2–4 mm), axis flips (RAS/LAS/RPS/LPS) and a slightly
@@ -40,6 +44,8 @@ TISSUE_INTENSITY = {
     "t2": np.array([1.00, 0.60, 0.40, 0.90, 0.85, 0.60]),
     "flair": np.array([0.10, 0.60, 0.45, 0.30, 1.00, 0.70]),
 }
+# Vessels: slow flow, dark before contrast, bright after gadolinium; flow voids on T2 and FLAIR.
+VESSEL_INTENSITY = {"t1": 0.35, "t1ce": 1.25, "t2": 0.20, "flair": 0.15}
 # MNI coordinates (mm) of the structures the labels act on.
 VENTRICLE_CENTRE_MM = np.array([0.0, -10.0, 15.0])
 MEDIAL_TEMPORAL_CENTRES_MM = (np.array([-28.0, -22.0, -14.0]), np.array([28.0, -22.0, -14.0]))
@@ -130,13 +136,27 @@ def _tumour(rng: np.random.Generator, wm: np.ndarray, brain: np.ndarray) -> np.n
     return labels
 
 
-def _contrasts(rng, csf, gm, wm, brain, labels) -> dict[str, np.ndarray]:
+def _vessels(rng: np.random.Generator, csf: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Fraction of blood vessels: a patchy one-voxel shell at the brain's surface (cortical veins, dural sinuses) and
+    half of the CSF deep in the posterior lateral ventricles (choroid plexus)."""
+    mask = brain > 0.5
+    surface = mask & ~ndimage.binary_erosion(mask)
+    veins = surface * np.clip(0.6 + smooth_field(rng, brain.shape, 8, 0.5), 0.0, 1.0)
+    depth_mm = ndimage.distance_transform_edt(mask) * float(np.abs(affine[0, 0]))
+    y_mm = nib.affines.apply_affine(affine, np.indices(brain.shape).reshape(3, -1).T)[:, 1].reshape(brain.shape)
+    choroid = 0.5 * csf * (depth_mm > 12.0) * (y_mm < -15.0)
+    return np.clip(veins + choroid, 0.0, 1.0).astype(np.float32)
+
+
+def _contrasts(rng, vessel_rng, csf, gm, wm, vessels, brain, labels) -> dict[str, np.ndarray]:
     tumour_onehot = np.stack([labels == BRATS_LABELS[name] for name in ("necrotic_core", "edema", "enhancing_tumor")]).astype(np.float32)
     healthy = 1.0 - tumour_onehot.sum(0)
-    fractions = np.concatenate([np.stack([csf, gm, wm]) * healthy, tumour_onehot])  # [6, X, Y, Z]
+    vessels = vessels * healthy
+    fractions = np.concatenate([np.stack([csf, gm, wm]) * (healthy - vessels), tumour_onehot, vessels[None]])  # [7, X, Y, Z]
     images = {}
     for contrast in CONTRASTS:
         intensity = TISSUE_INTENSITY[contrast] * rng.uniform(0.9, 1.1, size=6)  # scanner and subject variation
+        intensity = np.append(intensity, VESSEL_INTENSITY[contrast] * vessel_rng.uniform(0.9, 1.1))
         image = np.tensordot(intensity, fractions, axes=1)
         image *= np.exp(smooth_field(rng, image.shape, 4, 0.12))  # bias field
         sigma = rng.uniform(0.01, 0.035)
@@ -173,7 +193,9 @@ def synthesize_subject(index: int, seed: int, out_dir: str, tumor_fraction: floa
     has_tumor = bool(rng.random() < tumor_fraction)
     csf, gm, wm, brain = _tissue_fractions(anatomy, rng, age, disease)
     labels = _tumour(rng, wm, brain) if has_tumor else np.zeros(brain.shape, dtype=np.uint8)
-    images = _contrasts(rng, csf, gm, wm, brain, labels)
+    vessel_rng = np.random.default_rng([seed, index, 1])  # its own stream: every other draw as before vessels existed
+    vessels = _vessels(vessel_rng, csf, brain, anatomy.affine)
+    images = _contrasts(rng, vessel_rng, csf, gm, wm, vessels, brain, labels)
 
     affine, shape, orientation, voxel = _output_grid(rng, anatomy)
     world = nib.affines.apply_affine(affine, np.moveaxis(np.indices(shape, dtype=np.float32), 0, -1))
