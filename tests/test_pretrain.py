@@ -247,13 +247,15 @@ def test_every_bundled_recipe_loads_with_crops_on_its_patch_grid(name):
 def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(recipe, tmp_path):
     """Stage 2 inside the real loop, with DINOv3's higher-resolution Gram crops (64 px for 32 px global crops, the
     teacher's 4 x 4 patch grid resized to the student's 2 x 2): the Gram term is logged and weighted into the loss,
-    and the Gram teacher is the EMA teacher copied every `gram_teacher_refresh_iterations` (here 3): equal to it
-    right after a refresh (iteration 6), behind it in between (iteration 5)."""
+    and the Gram teacher is the EMA teacher copied every `gram_teacher_refresh_iterations` (here 2) at most
+    `gram_teacher_max_refreshes` times (here 2, DINOv3's `max_updates` is 3): equal to it right after each refresh
+    (iterations 2 and 4), behind it once the refreshes are spent (iteration 6)."""
     from safetensors.torch import load_file
 
     stage2 = tmp_path / "stage2.json"
     stage2.write_text(json.dumps({**json.loads(recipe.read_text()), "iterations": 6, "gram_loss_weight": 1.0,
-                                  "gram_teacher_crop_size": 64, "gram_teacher_refresh_iterations": 3, "checkpoint_every": 5, "keep_checkpoints": 3}))
+                                  "gram_teacher_crop_size": 64, "gram_teacher_refresh_iterations": 2, "gram_teacher_max_refreshes": 2,
+                                  "checkpoint_every": 2, "keep_checkpoints": 3}))
     result = subprocess.run(_command(stage2, tmp_path / "run"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = _losses(tmp_path / "run")
@@ -262,11 +264,13 @@ def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(reci
         assert record["loss"] == pytest.approx(weighted, rel=1e-5)
     assert records[6]["gram"] > 0
     states = {iteration: load_file(tmp_path / "run" / "checkpoints" / f"iter-{iteration:07d}" / "accelerate" / "model.safetensors")
-              for iteration in (5, 6)}
+              for iteration in (2, 4, 6)}
     teacher_keys = [key for key in states[6] if key.startswith("teacher.")]
     assert teacher_keys
-    assert all(torch.equal(states[6][key], states[6]["gram_" + key]) for key in teacher_keys)
-    assert not all(torch.equal(states[5][key], states[5]["gram_" + key]) for key in teacher_keys)
+    for iteration in (2, 4):
+        assert all(torch.equal(states[iteration][key], states[iteration]["gram_" + key]) for key in teacher_keys)
+    assert not all(torch.equal(states[6][key], states[6]["gram_" + key]) for key in teacher_keys)
+    assert all(torch.equal(states[4]["gram_" + key], states[6]["gram_" + key]) for key in teacher_keys)
 
 
 def test_time_limit_stops_every_rank_with_a_checkpoint_and_an_export(recipe, tmp_path):

@@ -51,6 +51,14 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, iter
         group["weight_decay"] = float(schedules.weight_decay[iteration]) * group["wd_multiplier"]
 
 
+def refreshes_gram_teacher(config: PretrainConfig, iteration: int) -> bool:
+    """Whether the Gram teacher becomes the EMA teacher after `iteration` (0-based): every
+    `gram_teacher_refresh_iterations`, at most `gram_teacher_max_refreshes` times (a function of the iteration alone,
+    so a resumed run refreshes where an uninterrupted one does)."""
+    done, every = iteration + 1, config.gram_teacher_refresh_iterations
+    return config.gram_loss_weight > 0 and done % every == 0 and done // every <= config.gram_teacher_max_refreshes
+
+
 def train_step(accelerator, model, optimizer, batch: dict, schedules: Schedules, iteration: int,
                clip_grad: float | None) -> tuple[dict[str, torch.Tensor], float | None]:
     """Losses → backward → schedules and step → teacher update. Returns the losses and the gradient norm."""
@@ -164,7 +172,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     for iteration in progress:
         batch = make_batch(collator, next(batches), config.seed, rank, iteration, accelerator.device)
         losses, grad_norm = train_step(accelerator, model, optimizer, batch, schedules, iteration, config.clip_grad)
-        if config.gram_loss_weight > 0 and (iteration + 1) % config.gram_teacher_refresh_iterations == 0:
+        if refreshes_gram_teacher(config, iteration):
             accelerator.unwrap_model(model).refresh_gram_teacher()
         extra = {}
         if knn_monitor is not None and (iteration + 1) % config.knn_every == 0:

@@ -48,6 +48,7 @@ class PretrainConfig:
     koleo_loss_weight: float = 0.1
     gram_loss_weight: float = 0.0  # stage 2: 2.0, the end value of DINOv3's Gram-weight schedule
     gram_teacher_refresh_iterations: int = 1000
+    gram_teacher_max_refreshes: int = 3  # DINOv3's `max_updates`: afterwards the Gram teacher stays where it is
     # Stage 2: the Gram teacher's global crops (DINOv3: twice the student's), its patch features resized to the
     # student's grid; None = the Gram teacher sees the student's global crops.
     gram_teacher_crop_size: int | None = None
