@@ -6,6 +6,9 @@ protocol (test split fixed per seed and split by subject, validation carved from
 - MRI sequence (T1 / T1ce / T2 / FLAIR): classification head on every volume, balanced accuracy;
 - tumour segmentation: the paper's decoder on FLAIR slices of tumour subjects, whole-tumour Dice on the input grid.
 
+The random baseline is the pretrained backbone's own architecture (its config.json, LayerScale init included) at a
+seeded random initialisation.
+
 Subjects are numbered from 1000, so they are not among the subjects a backbone was pretrained on by
 `braindino quickstart` or `benchmarks/pretrain_probe.py`. Without `--backbone` the script first pretrains the tiny
 recipe for `--pretrain-minutes` on its own SYNTHETIC corpus.
@@ -76,7 +79,8 @@ def main() -> None:
     for name in args.tasks:
         settings, metric, higher = TASKS[name]
         seeds = args.segmentation_seeds if settings["task"] == "segmentation" else args.seeds
-        for label, source in (("pretrained", {"backbone": backbone}), ("random init", {"preset": "tiny"})):
+        # random init of the pretrained backbone's own architecture (its config, LayerScale init included)
+        for label, source in (("pretrained", {"backbone": backbone}), ("random init", {"preset": backbone})):
             run_dir = out / name.replace(" ", "-") / label.replace(" ", "-")
             config = HeadTrainingConfig(**{**settings, "labels": str(corpus / settings["labels"])}, **source,
                                         output_dir=str(run_dir), label_fractions=FRACTIONS, seeds=seeds,

@@ -60,6 +60,23 @@ def test_feature_cache_resumes_and_refuses_another_backbone(tmp_path, synthetic_
         FeatureCache(tmp_path / "cache", load_backbone(preset="tiny", num_slices=8, size=64, seed=1))
 
 
+def test_a_random_baseline_takes_a_pretrained_folders_architecture_not_its_weights(tmp_path):
+    """`preset` = a BrainDINO folder (`random:FOLDER` in evaluate): the folder's config — here LayerScale 1.0, not
+    the tiny preset's 1e-5 — at a seeded random initialisation, so a backbone is compared with its own architecture."""
+    from braindino import BrainDinoConfig, BrainDinoModel
+    from braindino.train.evaluation.protocol import backbone_name
+
+    torch.manual_seed(7)
+    BrainDinoModel(BrainDinoConfig.from_preset("tiny", layerscale_value=1.0)).save_pretrained(tmp_path / "ls1")
+    pretrained = load_backbone(str(tmp_path / "ls1")).model
+    random = load_backbone(preset=str(tmp_path / "ls1"), seed=3).model
+    assert random.config.layerscale_value == 1.0 != BrainDinoConfig.from_preset("tiny").layerscale_value
+    scales = [name for name in random.state_dict() if "layer_scale" in name]
+    assert scales and all(torch.all(random.state_dict()[name] == 1.0) for name in scales)
+    assert not torch.equal(random.embeddings.patch_embeddings.weight, pretrained.embeddings.patch_embeddings.weight)
+    assert backbone_name(f"random:{tmp_path / 'ls1'}:3") == "random-ls1-3" and backbone_name("random:tiny") == "random-tiny"
+
+
 def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_anywhere(tmp_path, synthetic_corpus):
     out = tmp_path / "age"
     stdout = _run_cli("train-head", "--task", "regression", "--labels", synthetic_corpus / "labels.csv", "--inputs", "t1",

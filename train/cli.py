@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("files", nargs="*", help=".nii / .nii.gz volumes")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--model", help="pretrained BrainDINO folder or Hub id")
-    extract.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised preset (tiny/small/base/large)")
+    extract.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised preset (tiny/small/base/large) or "
+                         "the architecture of a BrainDINO folder")
     extract.add_argument("--example", choices=["mni152"], help="also encode a bundled real volume (nilearn's MNI152 T1 template)")
     extract.add_argument("--num-slices", type=int, default=None, help="resample to this many axial slices (the paper: 128)")
     extract.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
     head.add_argument("--event", help="survival: column that is 1 where the event was observed")
     head.add_argument("--model", help="pretrained BrainDINO backbone folder or Hub id")
-    head.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised backbone (baseline)")
+    head.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised backbone (baseline): a preset name or "
+                      "the architecture of a BrainDINO folder")
     head.add_argument("--out", default="outputs/head")
     head.add_argument("--cache", help="feature cache folder (default: OUT/feature-cache); reused across runs")
     head.add_argument("--label-fractions", type=float, nargs="+", default=[1.0])
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--target", required=True)
     evaluate.add_argument("--event")
     evaluate.add_argument("--backbones", nargs="+", required=True,
-                          help="folders or Hub ids, or random:PRESET[:SEED] for a random-initialised baseline")
+                          help="folders or Hub ids, or random:PRESET[:SEED] for a random-initialised baseline "
+                               "(PRESET: a preset name or a BrainDINO folder, whose architecture is used)")
     evaluate.add_argument("--label-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--num-slices", type=int, default=128)

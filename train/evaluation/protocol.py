@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationConfig:
-    """One protocol run: a task on a labels CSV, for each backbone (a folder, a Hub id, or `random:PRESET[:SEED]`)."""
+    """One protocol run: a task on a labels CSV, for each backbone: a folder, a Hub id, or `random:PRESET[:SEED]`
+    (PRESET a preset name, or a BrainDINO folder whose architecture is initialised at random)."""
 
     task: str
     labels: str
@@ -58,8 +59,9 @@ class EvaluationConfig:
 
 def backbone_name(spec: str) -> str:
     kind, _, rest = spec.partition(":")
-    if kind == "random":
-        return spec.replace(":", "-")
+    if kind == "random":  # random:PRESET_OR_FOLDER[:SEED]
+        preset, _, seed = rest.partition(":")
+        return "-".join(["random", Path(preset).name] + ([seed] if seed else []))
     if kind in ("dinov3", "dinov2"):
         return f"{kind}-{Path(rest).name}"
     return Path(spec).name or spec.replace("/", "--")

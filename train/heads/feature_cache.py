@@ -82,16 +82,18 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
                   seed: int = 0, size: int | None = None, device: str | torch.device | None = "cpu",
                   dtype: str | torch.dtype | None = torch.float32) -> Backbone:
     """A pretrained backbone from a folder or Hub id (`dinov3:PATH` / `dinov2:PATH` convert natural-image weights in
-    transformers format), or (with `preset`) a randomly initialised one (seeded), on `device` in `dtype` (`"auto"`
-    for both: `braindino.precision`; the defaults are the exact fp32 CPU path)."""
+    transformers format), or (with `preset`: a preset name, or a BrainDINO folder whose config — not its weights — is
+    used) a randomly initialised one (seeded), on `device` in `dtype` (`"auto"` for both: `braindino.precision`; the
+    defaults are the exact fp32 CPU path)."""
     if (model_name is None) == (preset is None):
         raise ValueError("give exactly one of a model (folder or Hub id) and a preset")
     if preset is not None:
-        config = BrainDinoConfig.from_preset(preset)
+        # A folder: the same architecture as a pretrained backbone (its LayerScale init too), the fair random baseline.
+        config = BrainDinoConfig.from_pretrained(preset) if Path(preset).is_dir() else BrainDinoConfig.from_preset(preset)
         torch.manual_seed(seed)
         model = BrainDinoModel(config)
         processor = BrainDinoImageProcessor(num_channels=config.num_channels)
-        description = f"BrainDINO-{preset}, random initialisation (untrained, seed {seed})"
+        description = f"BrainDINO-{Path(preset).name}, random initialisation (untrained, seed {seed})"
     elif model_name.startswith(("dinov3:", "dinov2:")):
         kind, _, source = model_name.partition(":")
         model = (braindino_from_dinov3 if kind == "dinov3" else braindino_from_dinov2)(source)
