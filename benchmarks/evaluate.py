@@ -24,12 +24,12 @@ from braindino.train.data.synthetic import write_synthetic_corpus
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", help="a pretrained BrainDINO folder; compared with random:tiny")
+    parser.add_argument("--backbone", help="a pretrained BrainDINO folder; compared with its architecture at random init")
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--num-slices", type=int, default=32)
     parser.add_argument("--size", type=int, default=112)
     args = parser.parse_args()
-    backbones = [args.backbone, "random:tiny"] if args.backbone else ["random:tiny", "random:tiny:1"]
+    backbones = [args.backbone, f"random:{args.backbone}"] if args.backbone else ["random:tiny", "random:tiny:1"]
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
