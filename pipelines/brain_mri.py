@@ -56,7 +56,8 @@ class BrainMRIPipeline(Pipeline):
             else:
                 pixel_values, geometry = self.image_processor.preprocess_contrasts(dict(enumerate(sources)), affine=affine)
             return {"pixel_values": pixel_values, "geometry": geometry}  # [S, C or M, H, W]
-        processed = [self.image_processor.preprocess_volume(source, affine=affine) for source in sources]
+        # grey slices (S, H, W): the backbone repeats them to its channels per batch, a third of the memory
+        processed = [self.image_processor.preprocess_volume_slices(source, affine=affine) for source in sources]
         if len({pixel_values.shape[0] for pixel_values, _ in processed}) > 1:
             names = ", ".join(geometry.source for _, geometry in processed)
             raise ValueError(f"{names}: contrasts give different slice counts; the processor needs num_slices (e.g. 128)")
