@@ -94,12 +94,17 @@ def _sample(volume: np.ndarray, coordinates: np.ndarray, order: int) -> np.ndarr
     return ndimage.map_coordinates(volume, coordinates, order=order, mode="constant", cval=0.0)
 
 
+def _grid_mm(affine: np.ndarray, index_grid: np.ndarray) -> np.ndarray:
+    """Voxel indices `[3, X, Y, Z]` → their positions in mm `[X, Y, Z, 3]`."""
+    return nib.affines.apply_affine(affine, np.moveaxis(index_grid, 0, -1)).astype(np.float32)
+
+
 def _tissue_fractions(anatomy: Anatomy, rng: np.random.Generator, age: float, disease: bool):
     """Deformed, aged (and diseased) tissue fractions on the template grid: csf, gm, wm, brain."""
     shape = anatomy.brain.shape
     voxel_mm = float(np.abs(anatomy.affine[0, 0]))
     index_grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32) for size in shape], indexing="ij"))  # [3, X, Y, Z]
-    grid_mm = nib.affines.apply_affine(anatomy.affine, np.moveaxis(index_grid, 0, -1)).astype(np.float32)  # [X, Y, Z, 3]
+    grid_mm = _grid_mm(anatomy.affine, index_grid)
     atrophy = (age - AGE_RANGE[0]) / (AGE_RANGE[1] - AGE_RANGE[0])
 
     # Individual anatomy: a smooth random displacement of about 3 mm.
@@ -143,7 +148,7 @@ def _vessels(rng: np.random.Generator, csf: np.ndarray, brain: np.ndarray, affin
     surface = mask & ~ndimage.binary_erosion(mask)
     veins = surface * np.clip(0.6 + smooth_field(rng, brain.shape, 8, 0.5), 0.0, 1.0)
     depth_mm = ndimage.distance_transform_edt(mask) * float(np.abs(affine[0, 0]))
-    y_mm = nib.affines.apply_affine(affine, np.indices(brain.shape).reshape(3, -1).T)[:, 1].reshape(brain.shape)
+    y_mm = _grid_mm(affine, np.indices(brain.shape, dtype=np.float32))[..., 1]
     choroid = 0.5 * csf * (depth_mm > 12.0) * (y_mm < -15.0)
     return np.clip(veins + choroid, 0.0, 1.0).astype(np.float32)
 
