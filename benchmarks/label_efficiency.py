@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out", default="outputs/label-efficiency")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--head", choices=["mlp", "linear"], default="mlp",
+                        help="volume tasks: the paper's MLP head or a linear probe (segmentation keeps its decoder)")
     args = parser.parse_args()
     out = Path(args.out)
     started = time.perf_counter()
@@ -81,10 +83,10 @@ def main() -> None:
         seeds = args.segmentation_seeds if settings["task"] == "segmentation" else args.seeds
         # random init of the pretrained backbone's own architecture (its config, LayerScale init included)
         for label, source in (("pretrained", {"backbone": backbone}), ("random init", {"preset": backbone})):
-            run_dir = out / name.replace(" ", "-") / label.replace(" ", "-")
+            run_dir = out / f"{name.replace(' ', '-')}-{args.head}" / label.replace(" ", "-")
             config = HeadTrainingConfig(**{**settings, "labels": str(corpus / settings["labels"])}, **source,
                                         output_dir=str(run_dir), label_fractions=FRACTIONS, seeds=seeds,
-                                        num_slices=args.num_slices, size=size, export=False,
+                                        num_slices=args.num_slices, size=size, export=False, volume_head=args.head,
                                         cache_dir=str(out / "feature-cache" / label.replace(" ", "-")))
             print(f"{name}, {label} backbone:", flush=True)
             table[(name, label)] = (train_heads(config), metric, higher)

@@ -59,6 +59,9 @@ class BrainDinoConfig(PretrainedConfig):
             (DINOv3's default; the `tiny` preset uses 1024).
         pooling (`str`, defaults to `"mean"`): how volume heads pool slice embeddings: `"mean"` (the paper)
             or `"attention"` (gated attention, MIL).
+        volume_head (`str`, defaults to `"mlp"`): the trunk volume heads put on the standardised embedding: `"mlp"`,
+            the paper's `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`, or `"linear"`, one `Linear(D, K)` (the
+            linear probe of DINOv2/DINOv3's frozen evaluations; with a few dozen labelled subjects it overfits less).
         contrasts (`list[str]`, *optional*): the MRI contrasts a task head reads, in order (e.g.
             `["t1", "t1ce", "t2", "flair"]`); `None` = one volume of any contrast. Volume heads average the
             contrasts' embeddings; the segmentation head maps them to the 3 input channels with a 1x1 conv.
@@ -108,6 +111,7 @@ class BrainDinoConfig(PretrainedConfig):
         head_num_layers: int = 3,
         num_prototypes: int = 65536,
         pooling: str = "mean",
+        volume_head: str = "mlp",
         contrasts: list[str] | None = None,
         segmentation_layers: list[int] | None = None,
         target_mean: list[float] | None = None,
@@ -152,6 +156,9 @@ class BrainDinoConfig(PretrainedConfig):
         if pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be 'mean' or 'attention', got {pooling!r}")
         self.pooling = pooling
+        if volume_head not in ("mlp", "linear"):
+            raise ValueError(f"volume_head must be 'mlp' or 'linear', got {volume_head!r}")
+        self.volume_head = volume_head
         self.contrasts = list(contrasts) if contrasts else None
         if segmentation_layers is None:  # 4 evenly spaced blocks ending with the last: 2, 5, 8, 11 of 12
             segmentation_layers = sorted({max(0, (index + 1) * num_hidden_layers // 4 - 1) for index in range(4)})

@@ -606,24 +606,31 @@ class BrainDinoSlicePooling(nn.Module):
 class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
     """
     Frozen backbone (by default, `config.freeze_backbone`) → per-slice CLS tokens → volume embedding (mean, or
-    attention pooling), standardised with the training split's `config.feature_mean` / `feature_std` → the paper's head `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`. Several contrasts
+    attention pooling), standardised with the training split's `config.feature_mean` / `feature_std` → the paper's head `LayerNorm → Linear(D, D) → GELU → Linear(D, K)` (or, with `config.volume_head="linear"`, a linear probe). Several contrasts
     `(B, M, S, C, H, W)` each go through the shared encoder and their volume embeddings are averaged (the
     paper). Cached slice embeddings `(B, S, D)` (or `(B, M, S, D)`) can replace `pixel_values`, so heads train
     on a feature cache in seconds.
     """
 
     default_num_slices = 128  # the paper's subject-level setting
+    # Loaded in bf16/fp16 the backbone runs in 16 bits but the pooling, the standardisation and the trunk stay in
+    # float32: frozen embeddings of different volumes differ by about 0.1 % (bf16's resolution), so in 16 bits
+    # `embedding - feature_mean` cancels and a regression output in years is rounded to 0.5.
+    _keep_in_fp32_modules_strict = ["head", "pooling"]
 
     def __init__(self, config: BrainDinoConfig):
         super().__init__(config)
         self.braindino = BrainDinoModel(config)
         self.pooling = BrainDinoSlicePooling(config)
-        self.head = nn.Sequential(
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
-            nn.Linear(config.hidden_size, config.hidden_size),
-            nn.GELU(),
-            nn.Linear(config.hidden_size, config.num_labels),
-        )
+        if config.volume_head == "linear":
+            self.head = nn.Linear(config.hidden_size, config.num_labels)
+        else:
+            self.head = nn.Sequential(
+                nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+                nn.Linear(config.hidden_size, config.hidden_size),
+                nn.GELU(),
+                nn.Linear(config.hidden_size, config.num_labels),
+            )
         if config.freeze_backbone:
             self.braindino.requires_grad_(False)
         self.post_init()
@@ -658,6 +665,7 @@ class BrainDinoForVolumeTasks(BrainDinoPreTrainedModel):
             raise ValueError("give exactly one of pixel_values and slice_embeddings")
         if slice_embeddings is None:
             slice_embeddings = self.slice_embeddings(pixel_values)
+        slice_embeddings = slice_embeddings.to(next(self.head.parameters()).dtype)  # the trunk's precision (see above)
         if self.config.pooling == "attention":
             slice_embeddings = self.standardise(slice_embeddings)
         if slice_embeddings.ndim == 4:  # several contrasts: pool each, then average (the paper)

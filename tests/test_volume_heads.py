@@ -103,6 +103,45 @@ def test_classification_head_round_trips_through_the_auto_class(tmp_path):
     torch.testing.assert_close(reloaded(slice_embeddings=embeddings).logits, model(slice_embeddings=embeddings).logits)
 
 
+def test_linear_probe_head_is_one_linear_map_of_the_standardised_embedding_and_round_trips(tmp_path):
+    torch.manual_seed(6)
+    config = small_config(num_labels=3, volume_head="linear", feature_mean=[0.5] * 64, feature_std=[2.0] * 64)
+    model = BrainDinoForClassification(config).eval()
+    assert isinstance(model.head, torch.nn.Linear)
+    embeddings = torch.randn(2, 3, 64)
+    expected = ((embeddings.mean(dim=1) - 0.5) / 2.0) @ model.head.weight.T + model.head.bias
+    torch.testing.assert_close(model(slice_embeddings=embeddings).logits, expected)
+    model.save_pretrained(tmp_path / "head")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "head").eval()
+    assert isinstance(reloaded.head, torch.nn.Linear)
+    torch.testing.assert_close(reloaded(slice_embeddings=embeddings).logits, expected)
+    with pytest.raises(ValueError, match="volume_head"):
+        small_config(volume_head="mlp2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_head_loaded_in_16_bits_keeps_its_standardisation_and_trunk_in_float32(tmp_path, dtype):
+    """Frozen embeddings of different volumes differ by ~0.1 %: in 16 bits `embedding - feature_mean` cancels and an
+    age near 60 is rounded to 0.25-0.5 years. Loaded with `dtype=bf16/fp16`, only the backbone runs in 16 bits."""
+    torch.manual_seed(7)
+    base = torch.randn(64)
+    embeddings = base + 1e-3 * torch.randn(4, 3, 64)  # 4 volumes x 3 slices, nearly identical
+    volume = embeddings.mean(dim=1)
+    config = small_config(feature_mean=volume.mean(0).tolist(), feature_std=volume.std(0).tolist(),
+                          target_mean=[60.0], target_std=[15.0])
+    model = BrainDinoForRegression(config).eval()
+    model.save_pretrained(tmp_path / "head")
+    loaded = BrainDinoForRegression.from_pretrained(tmp_path / "head", dtype=dtype).eval()
+    assert loaded.braindino.embeddings.patch_embeddings.weight.dtype == dtype
+    assert {parameter.dtype for parameter in loaded.head.parameters()} == {torch.float32}
+    with torch.no_grad():
+        expected, served = model(slice_embeddings=embeddings).logits, loaded(slice_embeddings=embeddings).logits
+        assert served.dtype == torch.float32 and expected.std() > 0.1  # the volumes are told apart
+        torch.testing.assert_close(served, expected)
+        pixels = torch.randn(1, 2, 3, 32, 32)  # the 16-bit backbone hands its CLS tokens to the float32 trunk
+        assert loaded(pixel_values=pixels.to(dtype)).logits.dtype == torch.float32
+
+
 def test_regression_with_target_statistics_reports_real_units_and_loses_on_the_standard_scale():
     torch.manual_seed(6)
     model = BrainDinoForRegression(small_config(num_labels=1, target_mean=[50.0], target_std=[20.0])).eval()

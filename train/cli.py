@@ -104,7 +104,7 @@ def _train_head(args: argparse.Namespace) -> int:
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
         label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
-        size=args.size, target_transform=args.target_transform, pooling=args.pooling, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
+        size=args.size, target_transform=args.target_transform, pooling=args.pooling, volume_head=args.head, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
         batch_size=args.batch_size, export=not args.no_export, device=args.device, dtype=args.dtype,
         loader_workers=args.workers,
     )
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
     head.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
     head.add_argument("--pooling", choices=["mean", "attention"], default="mean")
+    head.add_argument("--head", choices=["mlp", "linear"], default="mlp",
+                      help="volume tasks: the paper's MLP head, or a linear probe on the standardised embedding")
     head.add_argument("--lr", type=float, default=None, help="default 1e-3 (3e-3 for segmentation)")
     head.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 300; 20 for segmentation)")
     head.add_argument("--patience", type=int, default=None,

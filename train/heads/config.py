@@ -32,6 +32,7 @@ class HeadTrainingConfig:
     size: int | None = None
     target_transform: str | None = None  # "log1p" for day counts (regression)
     pooling: str = "mean"
+    volume_head: str = "mlp"  # "mlp" (the paper's) or "linear" (a linear probe); segmentation has its own decoder
     learning_rate: float | None = None
     weight_decay: float = 1e-4
     batch_size: int = 16

@@ -44,6 +44,7 @@ def _volume_model(backbone: Backbone, config: HeadTrainingConfig, samples: list[
     embeddings' statistics."""
     head_config = head_config_from_backbone(backbone, config)
     head_config.pooling = config.pooling
+    head_config.volume_head = config.volume_head
     head_config.feature_mean, head_config.feature_std = feature_statistics(train_embeddings, config.pooling)
     if config.task == "classification":
         classes = sorted({sample.target for sample in samples})

@@ -160,7 +160,8 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                                   config.num_workers, position["data_epoch"], position["batches_in_epoch"])
     collator = MultiCropCollator(MultiCropConfig(
         global_crop_size=config.global_crop_size, local_crop_size=config.local_crop_size,
-        local_crops_number=config.local_crops_number, patch_size=student.config.patch_size,
+        local_crops_number=config.local_crops_number, augment_probability=config.intensity_augment_probability,
+        patch_size=student.config.patch_size,
         num_channels=student.config.num_channels,
         gram_teacher_crop_size=config.gram_teacher_crop_size if config.gram_loss_weight > 0 else None))
     _start_run(accelerator, config)

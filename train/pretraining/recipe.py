@@ -55,6 +55,9 @@ class PretrainConfig:
     global_crop_size: int = 224
     local_crop_size: int = 96
     local_crops_number: int = 8
+    # Chance of each MRI intensity change per crop (gamma, contrast/brightness, bias field, noise), as DINOv3 applies
+    # its colour jitter with 0.8; self-distillation learns invariance to them (the README measures lower values).
+    intensity_augment_probability: float = 0.8
     shuffle_buffer: int = 1000
     num_workers: int = 2
     mixed_precision: str = "no"  # "bf16" / "fp16" where the hardware has them; "auto": bf16 where it is native, else "no"
