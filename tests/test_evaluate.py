@@ -84,7 +84,27 @@ def test_survival_protocol_reports_c_index_and_kaplan_meier(synthetic_corpus, tm
          "--seeds", "0", "--size", "64", "--num-slices", "8", "--bootstrap", "50", "--out", out)
     summary = json.loads((out / "evaluation.json").read_text())
     km = summary["kaplan_meier"]["random-tiny"]
-    assert (km["log_rank_p"] is not None and 0 <= km["log_rank_p"] <= 1) or "one side" in km["note"]
+    run = json.loads(next((out / "results").glob("*.json")).read_text())
+    with open(synthetic_corpus / "labels.csv", newline="") as handle:
+        rows = {row["subject"]: row for row in csv.DictReader(handle)}
+    names = list(run["test_predictions"])
+    high = np.array([run["test_predictions"][name] for name in names]) > np.median(run["train_risk"])
+    times = np.array([float(rows[name]["survival_days"]) for name in names])
+    events = np.array([float(rows[name]["death_observed"]) for name in names])
+    if high.all() or not high.any():
+        assert km["log_rank_p"] is None and "one side" in km["note"]
+    else:  # the two-group log-rank test written out: observed minus expected events of the high-risk group
+        observed_minus_expected, variance = 0.0, 0.0
+        for time in np.unique(times[events == 1]):
+            at_risk, at_risk_high = times >= time, (times >= time) & high
+            n, n_high = at_risk.sum(), at_risk_high.sum()
+            deaths, deaths_high = ((times == time) & (events == 1)).sum(), ((times == time) & (events == 1) & high).sum()
+            observed_minus_expected += deaths_high - deaths * n_high / n
+            if n > 1:
+                variance += deaths * (n_high / n) * (1 - n_high / n) * (n - deaths) / (n - 1)
+        statistic = observed_minus_expected ** 2 / variance
+        assert km["log_rank_p"] == pytest.approx(math.erfc(math.sqrt(statistic / 2)), rel=1e-6)  # chi-square, 1 df
+        assert km["high_risk"] == high.sum() and km["low_risk"] == (~high).sum()
     assert "c_index" in json.loads(next((out / "results").glob("*.json")).read_text())["metrics"]
 
 
