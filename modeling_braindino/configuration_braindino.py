@@ -61,7 +61,7 @@ class BrainDinoConfig(PretrainedConfig):
             or `"attention"` (gated attention, MIL).
         volume_head (`str`, defaults to `"mlp"`): the trunk volume heads put on the standardised embedding: `"mlp"`,
             the paper's `LayerNorm → Linear(D, D) → GELU → Linear(D, K)`, or `"linear"`, one `Linear(D, K)` (the
-            linear probe of DINOv2/DINOv3's frozen evaluations; with a few dozen labelled subjects it overfits less).
+            linear probe of DINOv2/DINOv3's frozen evaluations).
         contrasts (`list[str]`, *optional*): the MRI contrasts a task head reads, in order (e.g.
             `["t1", "t1ce", "t2", "flair"]`); `None` = one volume of any contrast. Volume heads average the
             contrasts' embeddings; the segmentation head maps them to the 3 input channels with a 1x1 conv.
