@@ -77,6 +77,39 @@ def test_a_random_baseline_takes_a_pretrained_folders_architecture_not_its_weigh
     assert backbone_name(f"random:{tmp_path / 'ls1'}:3") == "random-ls1-3" and backbone_name("random:tiny") == "random-tiny"
 
 
+def test_of_epochs_that_tie_for_the_best_validation_score_the_latest_is_kept():
+    """Macro-AUC on a small validation split saturates within a few epochs, and the first tied epoch is an
+    undertrained head: of epochs with the best score the latest is kept, patience counts from it, the weights
+    returned are that epoch's (a replay of the same fit stopped there ends on them), and the frozen backbone is not
+    touched. The scores are scripted so that the tie is known."""
+    from braindino import BrainDinoConfig, BrainDinoForClassification
+    from braindino.train.heads.fitting import fit_head
+
+    torch.manual_seed(0)
+    config = BrainDinoConfig.from_preset("tiny", num_labels=2, feature_mean=[0.0] * 192, feature_std=[1.0] * 192)
+    labels = torch.arange(16) % 2
+    embeddings = (labels[:, None, None] * 2.0 - 1.0) * torch.randn(config.hidden_size) + torch.randn(16, 4, 192)
+    scores = [0.5, 0.9, 0.8, 0.9, 0.7, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]  # best 0.9 at epochs 2, 4 and 6
+
+    def fit(max_epochs):
+        torch.manual_seed(1)
+        model = BrainDinoForClassification(config)
+        frozen = {name: value.clone() for name, value in model.braindino.state_dict().items()}
+        settings = HeadTrainingConfig(task="classification", labels="-", inputs=["image"], target="contrast",
+                                      max_epochs=max_epochs, min_epochs=3, patience=4, plateau_patience=100)
+        scripted = iter(scores)
+        record = fit_head(model, lambda batch: {"slice_embeddings": embeddings[batch]}, labels, lambda: next(scripted),
+                          settings, seed=0)
+        assert all(torch.equal(value, frozen[name]) for name, value in model.braindino.state_dict().items())
+        return record, model
+
+    record, model = fit(12)
+    assert (record["best_epoch"], record["epochs"], record["validation_score"]) == (6, 10, 0.9)
+    replay, replayed = fit(6)
+    assert replay["best_epoch"] == replay["epochs"] == 6
+    assert all(torch.equal(value, replayed.state_dict()[name]) for name, value in model.state_dict().items())
+
+
 def test_brain_age_head_trains_from_the_cache_and_exports_a_folder_that_reloads_anywhere(tmp_path, synthetic_corpus):
     out = tmp_path / "age"
     stdout = _run_cli("train-head", "--task", "regression", "--labels", synthetic_corpus / "labels.csv", "--inputs", "t1",

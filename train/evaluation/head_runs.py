@@ -153,7 +153,7 @@ def train_heads(config: HeadTrainingConfig) -> dict:
         "primary_metric": PRIMARY_METRIC[config.task],
         "protocol": "test split fixed per seed (by subject) before subsampling; a label fraction too small for the "
                     "task is reported, not enlarged; validation carved (by subject) from the training subsample selects "
-                    f"the epoch by {SELECTION_METRIC[config.task]}; the test split is used once, for the reported metrics",
+                    f"the epoch by {SELECTION_METRIC[config.task]} (of tied epochs the latest); the test split is used once, for the reported metrics",
         "config": asdict(config),
         "summary": summarise(runs),
         "training_subjects": {str(fraction): sorted({run["train_subjects"] for run in runs if run["label_fraction"] == fraction})
