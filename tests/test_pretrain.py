@@ -2,6 +2,7 @@
 update and prototype freeze, and the real loop as real processes — exact resume after SIGKILL (both centrings),
 Gram anchoring, the time limit, and `accelerate launch` with 2 processes (one step equals one process's)."""
 
+import csv
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForPreTraining
 
-from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoModel
+from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoImageProcessor, BrainDinoModel
 from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.recipe import RECIPES_DIR, PretrainConfig
@@ -302,15 +303,35 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
     assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
 
 
-def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path):
-    corpus = json.loads(recipe.read_text())["corpus"]
-    sequences = Path(corpus).parent / "synthetic" / "sequences.csv"
+def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path, synthetic_corpus):
+    sequences = synthetic_corpus / "sequences.csv"  # 10 subjects: with the recipe corpus's 2, k-NN is always 0.25
     result = subprocess.run(_command(recipe, tmp_path / "run", "--iterations", "10", "--knn-labels", str(sequences),
                                      "--knn-every", "5"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = _losses(tmp_path / "run")
     assert [i for i, record in records.items() if "knn_balanced_accuracy" in record] == [5, 10]
-    assert all(0.0 <= records[i]["knn_balanced_accuracy"] <= 1.0 for i in (5, 10))
+    # Each value is the EMA teacher's of that iteration (from its checkpoint): its subject embeddings (mean CLS over
+    # 16 slices), cosine 5-NN cross-validated over 5 folds by subject, recomputed here.
+    from safetensors.torch import load_file
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    released = tmp_path / "run" / "final" / "backbone"
+    processor = BrainDinoImageProcessor.from_pretrained(released, num_slices=16)
+    rows = list(csv.DictReader(open(sequences)))
+    pixel_values = [processor.preprocess_volume(sequences.parent / row["image"])[0] for row in rows]
+    targets, groups = np.array([row["contrast"] for row in rows]), np.array([row["subject"] for row in rows])
+    folds = list(GroupKFold(n_splits=5).split(pixel_values, groups=groups))
+    for iteration in (5, 10):
+        state = load_file(tmp_path / "run" / "checkpoints" / f"iter-{iteration:07d}" / "accelerate" / "model.safetensors")
+        teacher = BrainDinoModel.from_pretrained(released).eval()
+        teacher.load_state_dict({name.removeprefix("teacher.braindino."): value for name, value in state.items()
+                                 if name.startswith("teacher.braindino.")})
+        with torch.no_grad():
+            embeddings = np.stack([teacher.encode_slices(volume).cls_tokens.mean(dim=0).numpy() for volume in pixel_values])
+        predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=5, metric="cosine"), embeddings, targets, cv=folds)
+        assert records[iteration]["knn_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predicted))
     card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()  # generated from this run's facts
     assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
     assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card
