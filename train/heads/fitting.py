@@ -27,10 +27,9 @@ def _train_epoch(model, inputs_of, targets: torch.Tensor, optimizer, generator, 
     return sum(losses) / max(len(losses), 1)
 
 
-def _trained_state(model) -> dict:
-    """What training changes: the state without the frozen parameters (a frozen ViT-B would be copied at every
+def _trained_state(model, frozen: set[str]) -> dict:
+    """What training changes: the state without the `frozen` parameters (a frozen ViT-B would be copied at every
     improvement otherwise)."""
-    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     return {name: value.detach().clone() for name, value in model.state_dict().items() if name not in frozen}
 
 
@@ -43,6 +42,7 @@ def fit_head(model, inputs_of, targets: torch.Tensor, validation, config: HeadTr
     both curves."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                          patience=config.plateau_patience)
@@ -58,7 +58,7 @@ def fit_head(model, inputs_of, targets: torch.Tensor, validation, config: HeadTr
         curves["validation_score"].append(round(score, 5) if math.isfinite(score) else None)
         plateau.step(score if math.isfinite(score) else -math.inf)
         if math.isfinite(score) and score >= best["score"]:
-            best = {"score": score, "epoch": epoch, "state": _trained_state(model)}
+            best = {"score": score, "epoch": epoch, "state": _trained_state(model, frozen)}
         elif epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
             break
     if best["state"] is not None:
