@@ -245,6 +245,15 @@ def test_every_bundled_recipe_loads_with_crops_on_its_patch_grid(name):
         assert recipe.gram_teacher_crop_size > recipe.global_crop_size
 
 
+def test_a_bundled_recipe_name_is_read_as_the_recipe_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`--config tiny` run where an earlier run's output folder `tiny/` sits in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert PretrainConfig.load("tiny") == PretrainConfig(**json.loads((RECIPES_DIR / "tiny.json").read_text()))
+    with pytest.raises(FileNotFoundError, match="no-such-recipe: no such config file"):
+        PretrainConfig.load("no-such-recipe")
+
+
 def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(recipe, tmp_path):
     """Stage 2 inside the real loop, with DINOv3's higher-resolution Gram crops (64 px for 32 px global crops, the
     teacher's 4 x 4 patch grid resized to the student's 2 x 2): the Gram term is logged and weighted into the loss,

@@ -78,9 +78,9 @@ class PretrainConfig:
     def load(cls, path_or_recipe: str, **overrides) -> "PretrainConfig":
         """A JSON file, or the name of a bundled recipe (`tiny`, `small`, `base`, `base-stage2`)."""
         path = Path(path_or_recipe)
-        if not path.exists():
+        if not path.is_file():  # a folder that happens to share a recipe's name (an output dir `tiny/`) is not one
             path = RECIPES_DIR / f"{path_or_recipe}.json"
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"{path_or_recipe}: no such config file or bundled recipe "
                                     f"({', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.json')))})")
         values = json.loads(path.read_text())
