@@ -2,6 +2,10 @@
 probe frozen features of held-out SYNTHETIC subjects against the same architecture at random initialisation,
 for several seeds (each: its own pretraining run and its own random initialisation), at several slice sizes.
 
+With `--student`, the student of the same runs (`final/student`, no EMA) is probed beside the EMA teacher that
+the run releases. Each run's last-10-iteration means of the DINO loss, the teacher's CLS target entropy and the
+mean |LayerScale| gain are printed with it (how far the blocks have moved from DINOv3's 1e-5 init).
+
 Probes (5-fold cross-validation grouped by subject, scikit-learn), on the paper's subject embedding (mean CLS token
 over 32 resampled axial slices), with each fold's training subjects subsampled to each label fraction (a fraction
 that leaves fewer than 2 training subjects, or a class missing, is reported as too few):
@@ -91,22 +95,33 @@ def probe_scores(features: np.ndarray, rows: list[dict], volume_contrasts: list[
 HIGHER_IS_BETTER = lambda metric: "MAE" not in metric  # noqa: E731
 
 
+TEACHER, STUDENT, RANDOM = "pretrained (EMA teacher)", "pretrained student (no EMA)", "random initialisation"
+
+
 def summary_rows(results: dict) -> list[str]:
-    """Markdown rows: per (size, fraction, probe), mean ± std over seeds for both backbones and whether the
-    pretrained one wins by more than 2 std (the larger of the two spreads)."""
+    """Markdown rows: per (size, fraction, probe), mean ± std over seeds for each backbone and whether the
+    pretrained teacher wins by more than 2 std (the larger of the two spreads) against random initialisation."""
     lines = []
     for (size, fraction), per_backbone in results.items():
-        pretrained, random = per_backbone["pretrained (EMA teacher)"], per_backbone["random initialisation"]
-        for metric in pretrained[0]:
-            ours, theirs = np.array([run[metric] for run in pretrained]), np.array([run[metric] for run in random])
-            if np.isnan(ours).any():
-                lines.append(f"| {size} | {fraction:g} | {metric} | too few labels | too few labels | — |")
+        names = [name for name in (TEACHER, STUDENT, RANDOM) if name in per_backbone]
+        for metric in per_backbone[TEACHER][0]:
+            values = {name: np.array([run[metric] for run in per_backbone[name]]) for name in names}
+            if np.isnan(values[TEACHER]).any():
+                lines.append(f"| {size} | {fraction:g} | {metric} |" + " too few labels |" * len(names) + " — |")
                 continue
+            ours, theirs = values[TEACHER], values[RANDOM]
             gap, spread = gap_and_spread((ours.mean(), ours.std()), (theirs.mean(), theirs.std()), HIGHER_IS_BETTER(metric))
             verdict = "yes" if gap > 2 * spread else ("ahead, within 2 std" if gap > 0 else "no")
-            lines.append(f"| {size} | {fraction:g} | {metric} | {ours.mean():.3f} ± {ours.std():.3f} | "
-                         f"{theirs.mean():.3f} ± {theirs.std():.3f} | {verdict} |")
+            cells = "".join(f" {values[name].mean():.3f} ± {values[name].std():.3f} |" for name in names)
+            lines.append(f"| {size} | {fraction:g} | {metric} |{cells} {verdict} |")
     return lines
+
+
+def run_diagnostics(output_dir: Path) -> dict:
+    """Last-10-iteration means of what says whether the DINO branch learned and how far the blocks moved."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()][-10:]
+    keys = ("dino", "teacher_cls_entropy", "log_num_prototypes", "layerscale_mean_abs")
+    return {key: float(np.mean([record[key] for record in records])) for key in keys}
 
 
 def main() -> None:
@@ -121,6 +136,7 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the corpora and the pretraining runs in this folder")
     parser.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
                         help="mean CLS (the paper's subject embedding) or CLS + mean patch token (DINOv2's linear probe)")
+    parser.add_argument("--student", action="store_true", help="also probe the runs' students (final/student, no EMA)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -139,10 +155,13 @@ def main() -> None:
                                          tracker=None, time_limit_minutes=args.minutes, seed=seed)
             started = time.perf_counter()
             summary = pretrain(config, resume=False)
-            runs.append({"seed": seed, "minutes": (time.perf_counter() - started) / 60, "iterations": summary["iterations"]})
+            runs.append({"seed": seed, "minutes": (time.perf_counter() - started) / 60, "iterations": summary["iterations"],
+                         **run_diagnostics(Path(config.output_dir))})
             torch.manual_seed(seed)
-            models = {"pretrained (EMA teacher)": BrainDinoModel.from_pretrained(summary["backbone"]).eval(),
-                      "random initialisation": BrainDinoModel(BrainDinoConfig.from_preset(config.preset, **config.model_overrides)).eval()}
+            models = {TEACHER: BrainDinoModel.from_pretrained(summary["backbone"]).eval(),
+                      RANDOM: BrainDinoModel(BrainDinoConfig.from_preset(config.preset, **config.model_overrides)).eval()}
+            if args.student:
+                models[STUDENT] = BrainDinoModel.from_pretrained(Path(config.output_dir) / "final" / "student").eval()
             for size in args.sizes:
                 processor = BrainDinoImageProcessor(size=size, num_slices=32)
                 for name, model in models.items():
@@ -158,9 +177,13 @@ def main() -> None:
           f"batch {config.batch_size}, crops {config.global_crop_size}/{config.local_crop_size} px, mixed precision "
           f"{config.mixed_precision}); probes on {args.probe_subjects} held-out subjects (5 folds of {args.probe_subjects * 4 // 5} "
           f"training subjects before subsampling); features: {args.features}; mean ± std over seeds")
+    for run in runs:
+        print(f"seed {run['seed']}: DINO {run['dino']:.3f} (log K {run['log_num_prototypes']:.3f}), teacher CLS entropy "
+              f"{run['teacher_cls_entropy'] / run['log_num_prototypes']:.3f} log K, mean |LayerScale| {run['layerscale_mean_abs']:.4f}")
     print()
-    print("| size (px) | label fraction | probe | pretrained | random init | pretrained wins by > 2 std |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    student = " pretrained student (no EMA) |" if args.student else ""
+    print(f"| size (px) | label fraction | probe | pretrained (EMA teacher) |{student} random init | teacher wins by > 2 std |")
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- |" if args.student else ""))
     print("\n".join(summary_rows(results)))
     print()
     print(json.dumps({"runs": runs, "results": {f"{size}px-{fraction:g}": value for (size, fraction), value in results.items()}}))
