@@ -71,23 +71,16 @@ def test_sequence_head_beats_the_majority_class_at_every_fraction(cohort, backbo
 def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohort, tmp_path):
     """MAE on held-out subjects against predicting the training subjects' mean age: at least 10 % lower (mean over 3
     seeds) with all labels, from the random-init backbone. (The quickstart's one-minute backbone does not reach this
-    margin for age from FLAIR — 0.92 of the mean predictor's MAE at 64 px, 1.00 at 112 px, measured — and is left out
-    here rather than given a looser bound; the README says so.) The exported folder, through `pipeline("brain-age")`, reproduces the training run's test
+    margin for age from FLAIR — 0.92 of the mean predictor's MAE at 64 px, 1.00 at 112 px, measured — but does from T1:
+    the next test.) The exported folder, through `pipeline("brain-age")`, reproduces the training run's test
     predictions (the feature statistics travel in its config)."""
     import braindino  # noqa: F401  (registers the pipeline tasks)
     from transformers import pipeline
 
     results = _train(cohort, tmp_path / "age", {"preset": "tiny", "size": 64}, task="regression", labels=str(cohort / "labels.csv"), inputs=["flair"],
                      target="age", label_fractions=[1.0])
-    with open(cohort / "labels.csv", newline="") as handle:
-        rows = {row["subject"]: row for row in csv.DictReader(handle)}
-    head, baseline = [], []
-    for run in results["runs"]:
-        tested = list(run["test_predictions"])
-        train_mean = np.mean([float(rows[name]["age"]) for name in rows if name not in tested])
-        ages = np.array([float(rows[name]["age"]) for name in tested])
-        head.append(run["metrics"]["mae"])
-        baseline.append(np.abs(ages - train_mean).mean())
+    rows = _subjects(cohort)
+    head, baseline = _head_and_mean_predictor_mae(results, rows)
     assert np.mean(head) <= 0.9 * np.mean(baseline), (head, baseline)
 
     first = next(run for run in results["runs"] if run["seed"] == 0)
@@ -97,3 +90,30 @@ def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohor
     for name, predicted in list(first["test_predictions"].items())[:3]:
         served = age(str(cohort / rows[name]["flair"]))["age"]
         assert served == pytest.approx(predicted, abs=0.006), name  # the pipeline reports years to 2 decimals
+
+
+def test_age_head_on_the_quickstart_backbone_beats_the_mean_predictor_from_t1(cohort, quickstart_backbone, tmp_path):
+    """The quickstart's one-minute backbone, at its 112 px, from T1 (what brain-age models read): held-out MAE at least
+    10 % below the training mean's (mean over 3 seeds, all labels). Measured: 0.71 of it (0.76 / 0.55 / 0.81); a head
+    that predicts a constant scores about 1.0."""
+    results = _train(cohort, tmp_path / "age-t1", {"backbone": quickstart_backbone}, task="regression",
+                     labels=str(cohort / "labels.csv"), inputs=["t1"], target="age", label_fractions=[1.0], export=False)
+    head, baseline = _head_and_mean_predictor_mae(results, _subjects(cohort))
+    assert np.mean(head) <= 0.9 * np.mean(baseline), (head, baseline)
+
+
+def _subjects(cohort) -> dict[str, dict]:
+    with open(cohort / "labels.csv", newline="") as handle:
+        return {row["subject"]: row for row in csv.DictReader(handle)}
+
+
+def _head_and_mean_predictor_mae(results: dict, rows: dict[str, dict]) -> tuple[list[float], list[float]]:
+    """Per run: the head's test MAE, and the MAE of predicting its training subjects' mean age on the same subjects."""
+    head, baseline = [], []
+    for run in results["runs"]:
+        tested = list(run["test_predictions"])
+        train_mean = np.mean([float(rows[name]["age"]) for name in rows if name not in tested])
+        ages = np.array([float(rows[name]["age"]) for name in tested])
+        head.append(run["metrics"]["mae"])
+        baseline.append(np.abs(ages - train_mean).mean())
+    return head, baseline
