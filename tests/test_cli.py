@@ -29,3 +29,24 @@ def test_extract_features_on_the_bundled_real_volume(tmp_path):
     assert slice_cls.shape == (32, 192) and embedding.shape == (192,)
     assert slice_cls.std(dim=0).mean() > 0  # slices through different anatomy give different tokens
     assert geometry["input_shape"] == [197, 233, 189]  # nilearn's 1 mm MNI152 grid
+
+
+def test_what_the_user_can_fix_is_one_line_naming_the_path(tmp_path):
+    """A missing corpus (found while the command runs) and a model folder that does not exist (refused while the
+    arguments are read, where transformers would call it a malformed Hub id) each end the command with one line on
+    stderr that names the path and the problem, and no traceback."""
+    def braindino(*arguments):
+        return subprocess.run([sys.executable, "-m", "braindino.train.cli", *arguments], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    corpus = tmp_path / "no-corpus"
+    result = braindino("pretrain", "--config", "tiny", "--corpus", str(corpus), "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"braindino pretrain: error: {corpus}: no manifest.json; build the "
+                                                      "corpus with `braindino prepare-data`")
+    assert not (tmp_path / "run").exists()
+
+    result = braindino("predict", "brain-age", "scan.nii.gz", "--model", "./heads/brain-age", "--out", "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("braindino predict: error: argument --model: ./heads/brain-age: no "
+                                                      "such folder (a Hub model id reads user/name)")

@@ -7,6 +7,22 @@ import os
 import sys
 from pathlib import Path
 
+from braindino import BrainDinoInputError
+
+# Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError)
+
+
+def model_location(value: str) -> str:
+    """A model argument: a folder or a Hub id (`user/name`), optionally `dinov3:` / `dinov2:` / `random:` prefixed. A
+    path that does not exist is refused here, where transformers would report it as a malformed Hub id."""
+    kind, _, rest = value.partition(":")
+    source = rest.partition(":")[0] if kind == "random" else rest if kind in ("dinov3", "dinov2") else value
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such folder (a Hub model id reads user/name)")
+    return value
+
 
 def _extract_features(args: argparse.Namespace) -> int:
     from braindino.example_data import write_mni152_t1
@@ -187,7 +203,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--num-workers", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--init-from", help="BrainDINO pretraining folder, or DINOv3/DINOv2 weights (see --init-format)")
+    parser.add_argument("--init-from", type=model_location, help="BrainDINO pretraining folder, or DINOv3/DINOv2 weights (see --init-format)")
     parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
                         help="autocast precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else no)")
@@ -227,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract-features", help="encode NIfTI volumes with a frozen backbone")
     extract.add_argument("files", nargs="*", help=".nii / .nii.gz volumes")
     extract.add_argument("--out", required=True, help="output folder")
-    extract.add_argument("--model", help="pretrained BrainDINO folder or Hub id")
-    extract.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised preset (tiny/small/base/large) or "
+    extract.add_argument("--model", type=model_location, help="pretrained BrainDINO folder or Hub id")
+    extract.add_argument("--preset", default="tiny", type=model_location, help="with no --model: a randomly initialised preset (tiny/small/base/large) or "
                          "the architecture of a BrainDINO folder")
     extract.add_argument("--example", choices=["mni152"], help="also encode a bundled real volume (nilearn's MNI152 T1 template)")
     extract.add_argument("--num-slices", type=int, default=None, help="resample to this many axial slices (the paper: 128)")
@@ -274,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--inputs", nargs="+", required=True, help="column(s) holding volume paths; several = contrasts")
     head.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
     head.add_argument("--event", help="survival: column that is 1 where the event was observed")
-    head.add_argument("--model", help="pretrained BrainDINO backbone folder or Hub id")
-    head.add_argument("--preset", default="tiny", help="with no --model: a randomly initialised backbone (baseline): a preset name or "
+    head.add_argument("--model", type=model_location, help="pretrained BrainDINO backbone folder or Hub id")
+    head.add_argument("--preset", default="tiny", type=model_location, help="with no --model: a randomly initialised backbone (baseline): a preset name or "
                       "the architecture of a BrainDINO folder")
     head.add_argument("--out", default="outputs/head")
     head.add_argument("--cache", help="feature cache folder (default: OUT/feature-cache); reused across runs")
@@ -303,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="run a pipeline on NIfTI files; JSON (and mask NIfTI) per input")
     predict.add_argument("task", choices=sorted(PIPELINE_TASKS))
     predict.add_argument("inputs", nargs="+", help="scan.nii.gz, or t1=a.nii.gz,flair=b.nii.gz for multi-contrast heads")
-    predict.add_argument("--model", required=True, help="a head folder (train-head's OUT/model) or Hub id")
+    predict.add_argument("--model", required=True, type=model_location, help="a head folder (train-head's OUT/model) or Hub id")
     predict.add_argument("--out", default="outputs/predictions")
     predict.add_argument("--slice-batch-size", type=int, default=32)
     _add_runtime_arguments(predict, loader_workers=False)
@@ -315,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--inputs", nargs="+", required=True)
     evaluate.add_argument("--target", required=True)
     evaluate.add_argument("--event")
-    evaluate.add_argument("--backbones", nargs="+", required=True,
+    evaluate.add_argument("--backbones", nargs="+", required=True, type=model_location,
                           help="folders or Hub ids, or random:PRESET[:SEED] for a random-initialised baseline "
                                "(PRESET: a preset name or a BrainDINO folder, whose architecture is used)")
     evaluate.add_argument("--label-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -349,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("accelerate", "httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:  # what the user can fix gets one line; anything else keeps its traceback
+        print(f"braindino {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

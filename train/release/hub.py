@@ -13,7 +13,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_
     folder = Path(folder)
     missing = [name for name in ("config.json", "model.safetensors", "README.md") if not (folder / name).exists()]
     if missing:
-        raise ValueError(f"{folder}: not a complete BrainDINO export (missing {', '.join(missing)})")
+        raise FileNotFoundError(f"{folder}: not a complete BrainDINO export (missing {', '.join(missing)})")
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id,
