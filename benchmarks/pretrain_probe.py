@@ -42,7 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
 from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.heads.feature_cache import Backbone, embed_volumes
-from braindino.train.pretraining.loop import pretrain
+from braindino.train.pretraining.loop import pretrain, read_metrics
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
 
@@ -119,7 +119,7 @@ def summary_rows(results: dict) -> list[str]:
 
 def run_diagnostics(output_dir: Path) -> dict:
     """Last-10-iteration means of what says whether the DINO branch learned and how far the blocks moved."""
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()][-10:]
+    records = read_metrics(output_dir)[-10:]
     keys = ("dino", "teacher_cls_entropy", "log_num_prototypes", "layerscale_mean_abs")
     return {key: float(np.mean([record[key] for record in records])) for key in keys}
 

@@ -61,7 +61,7 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     from braindino.example_data import write_mni152_t1
     from braindino.train.data.synthetic import CONTRASTS
     from braindino.train.heads.feature_cache import extract_features, load_backbone
-    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.loop import pretrain, read_metrics
     from braindino.train.pretraining.recipe import PretrainConfig
 
     out_dir = Path(out_dir)
@@ -75,7 +75,7 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
                                  time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
     facts["trained"] = trained = pretrain(config, resume=False)
     facts["recipe"] = recipe
-    facts["losses"] = [json.loads(line)["loss"] for line in (out_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    facts["losses"] = [record["loss"] for record in read_metrics(out_dir / "pretrain")]
     timings["pretraining"] = time.perf_counter() - started
 
     started = _step(5, TOTAL_STEPS, "frozen features of held-out scans and the MNI152 template, pretrained backbone")

@@ -96,6 +96,11 @@ def _accelerator(config: PretrainConfig):
     )
 
 
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """A run's per-iteration records, as `RunLog` wrote them to `metrics.jsonl`."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 class RunLog:
     """Per-step records: losses averaged over ranks (one all-reduce), `metrics.jsonl`, the tracker, the progress bar."""
 
@@ -225,8 +230,7 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     model.student.save_pretrained(final / "student")
     model.teacher.save_pretrained(final / "teacher")
     model.teacher.save_backbone(final / "backbone")
-    metrics = Path(config.output_dir) / "metrics.jsonl"
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    losses = [record["loss"] for record in read_metrics(config.output_dir)]
     run = {
         "recipe": dataclasses.asdict(config),
         "model_config": model.teacher.config.to_dict(),
