@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForImageClassification, AutoModelFo
 from transformers.utils import logging
 
 from ..image_processing_braindino import BrainDinoImageProcessor
+from ..model_sources import check_model_source
 from ..modeling_braindino import BrainDinoForClassification, BrainDinoForRegression, BrainDinoForSegmentation
 from . import brain_mri
 from .brain_mri import (
@@ -70,6 +71,7 @@ def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch
     """The pipeline for `task` on a local folder or Hub id, built from this package's classes (so no remote code
     runs, even for folders that also carry `custom_pipelines` for users without the package)."""
     pipeline_class, model_class, _ = PIPELINE_TASKS[task]
+    check_model_source(model)
     loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
     try:
         processor = BrainDinoImageProcessor.from_pretrained(model)

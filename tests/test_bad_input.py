@@ -222,3 +222,18 @@ def test_cli_reports_a_bad_file_and_still_encodes_the_good_one(tmp_path):
     assert "Traceback" not in result.stderr
     (encoded,) = json.loads((tmp_path / "out" / "features.json").read_text())["volumes"].values()
     assert encoded["source"] == good and Path(encoded["features"]).exists()
+
+
+def test_a_model_folder_that_does_not_exist_is_named_by_the_python_loaders(tmp_path):
+    """transformers reads a missing local path as a Hub id and calls it malformed; the loaders behind the pipelines
+    and the feature cache name the folder instead, for Python callers as for the CLI."""
+    from braindino.pipelines.head_folders import load_pipeline
+    from braindino.train.heads.feature_cache import load_backbone
+
+    missing = tmp_path / "heads" / "brain-age"
+    expected = f"{missing}: no such folder (a Hub model id reads user/name)"
+    for load in (lambda: load_pipeline("brain-age", str(missing)), lambda: load_backbone(str(missing)),
+                 lambda: load_backbone(f"dinov3:{missing}"), lambda: load_backbone(preset=str(missing))):
+        with pytest.raises(FileNotFoundError) as error:
+            load()
+        assert str(error.value) == expected

@@ -8,19 +8,21 @@ import sys
 from pathlib import Path
 
 from braindino import BrainDinoInputError
+from braindino.model_sources import check_model_source
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError)
 
 
 def model_location(value: str) -> str:
-    """A model argument: a folder or a Hub id (`user/name`), optionally `dinov3:` / `dinov2:` / `random:` prefixed. A
-    path that does not exist is refused here, where transformers would report it as a malformed Hub id."""
+    """A model argument: a folder or a Hub id (`user/name`), optionally `dinov3:` / `dinov2:` / `random:` prefixed,
+    refused while the arguments are read when it names a local folder that does not exist."""
     kind, _, rest = value.partition(":")
     source = rest.partition(":")[0] if kind == "random" else rest if kind in ("dinov3", "dinov2") else value
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise argparse.ArgumentTypeError(f"{value}: no such folder (a Hub model id reads user/name)")
+    try:
+        check_model_source(source)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{value}: no such folder (a Hub model id reads user/name)") from None
     return value
 
 

@@ -37,6 +37,7 @@ from braindino import (
     braindino_from_dinov2,
     braindino_from_dinov3,
 )
+from braindino.model_sources import check_model_source
 from braindino.precision import dtype_name, resolve_device, resolve_dtype
 from braindino.train.heads.volume_loader import encode_packed, volume_loader
 
@@ -87,6 +88,7 @@ def load_backbone(model_name: str | None = None, preset: str | None = None, num_
     defaults are the exact fp32 CPU path)."""
     if (model_name is None) == (preset is None):
         raise ValueError("give exactly one of a model (folder or Hub id) and a preset")
+    check_model_source(preset if preset is not None else model_name.removeprefix("dinov3:").removeprefix("dinov2:"))
     if preset is not None:
         # A folder: the same architecture as a pretrained backbone (its LayerScale init too), the fair random baseline.
         config = BrainDinoConfig.from_pretrained(preset) if Path(preset).is_dir() else BrainDinoConfig.from_preset(preset)

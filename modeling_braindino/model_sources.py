@@ -1,0 +1,18 @@
+"""Where a model comes from: a local folder or a Hub id, checked before transformers reads it.
+
+transformers reads any string that is not an existing folder as a Hub repo id, so a mistyped local path is reported
+as a malformed id ("Repo id must use alphanumeric chars ..."). Every loader of this package checks its argument here
+first and names the missing folder instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def check_model_source(source: str) -> None:
+    """Raise `FileNotFoundError` naming `source` when it reads as a local path (starts with `/`, `.` or `~`, or has
+    more than one `/`; a Hub id reads `user/name`) that does not exist."""
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"{source}: no such folder (a Hub model id reads user/name)")
