@@ -23,6 +23,7 @@ def test_segmentation_figure_and_loss_curve(head_folders, synthetic_corpus, tmp_
     assert pixels.shape[1] > 1000 and pixels.std() > 10
 
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"iteration": i, "loss": 10 - i, "dino": 5 - i / 2,
-                                                                  "ibot": 5 - i / 2}) for i in range(1, 6)))
+                                                                  "ibot": 5 - i / 2, "teacher_cls_spread": 1e-3 * i,
+                                                                  "student_cls_spread": 0.5}) for i in range(1, 6)))
     curve = loss_curve_figure(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert Image.open(curve).size[0] > 300

@@ -362,13 +362,20 @@ def test_diagnostics_show_the_uniform_state_and_its_absence():
     model(same, teacher_temperature=0.04)
     uniform = {name: float(value) for name, value in model.last_diagnostics.items()}
     assert uniform["teacher_cls_entropy"] == pytest.approx(uniform["log_num_prototypes"], abs=1e-4)
-    assert uniform["prototypes_used"] == 1 and uniform["student_cls_std"] < 1e-5
+    assert uniform["prototypes_used"] == 1
+    assert uniform["teacher_cls_spread"] < 1e-5 and uniform["student_cls_spread"] < 1e-5
     model(batch, teacher_temperature=0.04)
     varied = {name: float(value) for name, value in model.last_diagnostics.items()}
     assert varied["teacher_cls_entropy"] < uniform["log_num_prototypes"] - 0.1
-    assert varied["prototypes_used"] > 1 and varied["student_cls_std"] > 1e-3
+    assert varied["prototypes_used"] > 1
+    assert varied["teacher_cls_spread"] > 1e-2 and varied["student_cls_spread"] > 1e-2
     assert varied["layerscale_mean_abs"] == pytest.approx(1.0)  # the micro model's LayerScale init, untrained
     assert varied["prototype_condition_number"] >= 1.0
+    assert varied["student_score_std"] > 1e-2  # random prototypes: the scores differ across them
+    with torch.no_grad():  # a head that matches uniform targets: every prototype scores an image the same
+        model.student.dino_head.prototypes.copy_(model.student.dino_head.prototypes[:1].expand_as(model.student.dino_head.prototypes))
+    model(batch, teacher_temperature=0.04)
+    assert float(model.last_diagnostics["student_score_std"]) < 1e-6
 
 
 def test_under_bf16_autocast_the_networks_run_in_bf16_and_the_losses_in_float32():

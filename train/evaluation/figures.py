@@ -57,11 +57,12 @@ def segmentation_figure(scan: str, predicted_mask: str, reference_mask: str | No
 def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
     """From a pretraining run's `metrics.jsonl`: the DINO and iBOT losses per iteration with log K drawn (the value
     of a uniform prediction), the total loss, and the teacher targets' entropies against log K (a run whose targets
-    stay at log K has not left the uniform state)."""
+    stay at log K has not left the uniform state), and the teacher's and the student's CLS-token spread across the
+    batch (a teacher spread near 0 is why its targets are uniform)."""
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines()]
     iterations = [record["iteration"] for record in records]
-    figure = Figure(figsize=(10, 3.6))
-    losses, entropies = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 3.6))
+    losses, entropies, spreads = figure.subplots(1, 3)
     for name in ("loss", "dino", "ibot"):
         if name in records[0]:
             losses.plot(iterations, [record[name] for record in records], label=name)
@@ -77,6 +78,14 @@ def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
         axis.set_ylabel("nats")
         axis.set_title(f"{title} (SYNTHETIC corpus)")
         axis.legend(fontsize=8)
+    for name in ("teacher_cls_spread", "student_cls_spread"):
+        if name in records[0]:
+            spreads.plot(iterations, [record[name] for record in records], label=name.removesuffix("_cls_spread"))
+    spreads.set_yscale("log")
+    spreads.set_xlabel("iteration")
+    spreads.set_ylabel("spread / norm")
+    spreads.set_title("CLS-token spread across the batch")
+    spreads.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     return out

@@ -88,7 +88,8 @@ class SelfDistillation(nn.Module):
     def teacher_targets(self, batch: dict, temperature: float) -> dict[str, torch.Tensor | None]:
         """Centred teacher targets for the CLS tokens `(2B, K)` and the masked patches `(M, K)` of the global crops,
         and the Gram teacher's patch tokens where there is one: of the batch's `gram_crops` where it has them (the
-        same views at a higher resolution), resized to the student's patch grid."""
+        same views at a higher resolution), resized to the student's patch grid; and the teacher's CLS tokens (the
+        diagnostics' teacher spread)."""
         global_crops, masks = batch["global_crops"], batch["masks"]
         output = self.teacher(global_crops, patch_positions=masks)
         with _full_precision(global_crops):
@@ -103,7 +104,7 @@ class SelfDistillation(nn.Module):
             gram = self.gram_teacher.braindino(batch.get("gram_crops", global_crops)).patch_tokens
             with _full_precision(global_crops):
                 gram = resize_patch_grid(gram, math.isqrt(masks.shape[1]))
-        return {"cls": cls_targets, "patches": patch_targets, "gram": gram}
+        return {"cls": cls_targets, "patches": patch_targets, "gram": gram, "cls_tokens": output.cls_tokens}
 
     def forward(self, batch: dict, teacher_temperature: float, dino_loss_weight: float | None = None) -> dict[str, torch.Tensor]:
         """Each term's value and the weighted `loss`; `dino_loss_weight` overrides the recipe's (its schedule)."""
@@ -125,19 +126,26 @@ class SelfDistillation(nn.Module):
         scales = {"koleo": self.num_global_crops}  # DINOv3's koleo_scale; every other term has scale 1
         weights = self.loss_weights if dino_loss_weight is None else {**self.loss_weights, "dino": dino_loss_weight}
         values["loss"] = sum(weights[name] * scales.get(name, 1) * value for name, value in values.items())
-        self.last_diagnostics = self.diagnostics(targets, global_output.cls_tokens)
+        self.last_diagnostics = self.diagnostics(targets, global_output)
         return values
 
     @torch.no_grad()
-    def diagnostics(self, targets: dict, student_cls_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def diagnostics(self, targets: dict, student_output) -> dict[str, torch.Tensor]:
         """What shows a collapsed or uniform state while it happens (logged every step, this rank's batch):
         the teacher targets' mean entropy (CLS and masked patches) against log K, how many prototypes are the
-        argmax of some teacher CLS target, the spread of the student's CLS tokens across the batch, the mean
-        |LayerScale| gain, and the condition number of the student's L2-normalised DINO prototype matrix."""
+        argmax of some teacher CLS target, the spread of the teacher's and the student's CLS tokens across the batch
+        (relative to their norm: Sinkhorn-Knopp turns a teacher spread near 0 into uniform targets, however far the
+        student has moved), the spread of the student's DINO scores across prototypes (near 0: its head has turned
+        orthogonal to every prototype, the way it matches uniform targets), the mean |LayerScale| gain, and the
+        condition number of the student's L2-normalised DINO prototype matrix."""
         def entropy(probabilities: torch.Tensor) -> torch.Tensor:
             if not len(probabilities):
                 return probabilities.new_tensor(float("nan"))
             return -(probabilities * probabilities.clamp(min=1e-12).log()).sum(dim=-1).mean()
+
+        def spread(tokens: torch.Tensor) -> torch.Tensor:
+            tokens = tokens.detach().float()
+            return (tokens - tokens.mean(dim=0)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean().clamp(min=1e-12)
 
         prototypes = torch.nn.functional.normalize(self.student.dino_head.prototypes.detach().float(), dim=-1)
         eigenvalues = torch.linalg.eigvalsh(prototypes.T @ prototypes)  # [bottleneck], ascending
@@ -149,7 +157,9 @@ class SelfDistillation(nn.Module):
             "teacher_cls_entropy": entropy(targets["cls"].float()),
             "teacher_patch_entropy": entropy(targets["patches"].float()),
             "prototypes_used": targets["cls"].argmax(dim=-1).unique().numel() * targets["cls"].new_ones(()),
-            "student_cls_std": student_cls_tokens.detach().float().std(dim=0).mean(),
+            "teacher_cls_spread": spread(targets["cls_tokens"]),
+            "student_cls_spread": spread(student_output.cls_tokens),
+            "student_score_std": student_output.cls_logits.detach().float().std(dim=-1).mean(),
             "layerscale_mean_abs": torch.stack(gains).mean() if gains else targets["cls"].new_tensor(float("nan")),
             "prototype_condition_number": (eigenvalues[-1] / eigenvalues[0].clamp(min=1e-12)).sqrt(),
         }
