@@ -118,9 +118,11 @@ def summary_rows(results: dict) -> list[str]:
 
 
 def run_diagnostics(output_dir: Path) -> dict:
-    """Last-10-iteration means of what says whether the DINO branch learned and how far the blocks moved."""
+    """Last-10-iteration means of what says whether the DINO branch learned, how far the blocks moved and whether
+    the teacher's CLS tokens keep up with the student's."""
     records = read_metrics(output_dir)[-10:]
-    keys = ("dino", "teacher_cls_entropy", "log_num_prototypes", "layerscale_mean_abs")
+    keys = ("dino", "teacher_cls_entropy", "log_num_prototypes", "layerscale_mean_abs", "teacher_cls_spread",
+            "student_cls_spread")
     return {key: float(np.mean([record[key] for record in records])) for key in keys}
 
 
@@ -179,7 +181,8 @@ def main() -> None:
           f"training subjects before subsampling); features: {args.features}; mean ± std over seeds")
     for run in runs:
         print(f"seed {run['seed']}: DINO {run['dino']:.3f} (log K {run['log_num_prototypes']:.3f}), teacher CLS entropy "
-              f"{run['teacher_cls_entropy'] / run['log_num_prototypes']:.3f} log K, mean |LayerScale| {run['layerscale_mean_abs']:.4f}")
+              f"{run['teacher_cls_entropy'] / run['log_num_prototypes']:.3f} log K, mean |LayerScale| {run['layerscale_mean_abs']:.4f}, "
+              f"CLS spread teacher {run['teacher_cls_spread']:.3f} / student {run['student_cls_spread']:.3f}")
     print()
     student = " pretrained student (no EMA) |" if args.student else ""
     print(f"| size (px) | label fraction | probe | pretrained (EMA teacher) |{student} random init | teacher wins by > 2 std |")

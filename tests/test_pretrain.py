@@ -4,6 +4,7 @@ Gram anchoring, the time limit, and `accelerate launch` with 2 processes (one st
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -428,3 +429,31 @@ def test_softmax_centring_keeps_its_own_centre_for_the_patches_as_dinov3():
         expected = torch.softmax((logits - 0.1 * logits.mean(dim=0, keepdim=True)) / 0.04, dim=-1)
         torch.testing.assert_close(targets, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(model.centering.center, model.patch_centering.center)  # two centres
+
+
+def test_the_log_warns_once_when_the_dino_targets_are_uniform_after_the_prototypes_unfreeze(caplog, tmp_path):
+    """A run whose teacher gives every image the same CLS target says so while it runs, once, naming both spreads;
+    not while the prototypes are frozen, and not for distinct images."""
+    from tqdm.auto import tqdm
+
+    from braindino.train.pretraining.loop import RunLog
+
+    accelerator, model, _, batch, schedules, recipe = _step_setup(freeze_prototypes_epochs=2)
+    recipe.output_dir, recipe.tracker = str(tmp_path), None
+    same = {**batch, **{key: batch[key][:1].expand_as(batch[key]).contiguous() for key in ("global_crops", "local_crops", "masks")}}
+    model.eval()  # no RoPE augmentation: identical inputs give identical tokens
+    log = RunLog(accelerator, recipe, schedules, tqdm(disable=True))
+
+    def step(iteration, crops):
+        losses = model(crops, teacher_temperature=0.04)
+        log(iteration, {**losses, **model.last_diagnostics}, None, crops, {})
+
+    with caplog.at_level(logging.WARNING, logger="braindino.train.pretraining.loop"):
+        step(0, same)  # prototypes frozen: no warning yet
+        step(2, batch)  # distinct images: informative targets
+        assert not caplog.records
+        step(3, same)
+        step(4, same)
+    (warning,) = caplog.records
+    assert warning.getMessage().startswith("iteration 4: the teacher's DINO targets are uniform")
+    assert "CLS spread across the batch: teacher " in warning.getMessage() and ", student " in warning.getMessage()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.pretraining.schedules import Schedules, build_schedules
 from braindino.train.pretraining.self_distillation import SelfDistillation, build_student
+
+logger = logging.getLogger(__name__)
+
+# Teacher CLS target entropy / log K at or above which the DINO targets carry no information about the image.
+UNIFORM_TARGETS = 0.999
 
 
 def make_batch(collator: MultiCropCollator, rows: list[dict], seed: int, rank: int, iteration: int, device) -> dict:
@@ -108,6 +114,7 @@ class RunLog:
         self.accelerator, self.config, self.schedules, self.progress = accelerator, config, schedules, progress
         self.path = Path(config.output_dir) / "metrics.jsonl"
         self.started, self.images = time.perf_counter(), 0
+        self.warned_uniform = False
 
     def __call__(self, iteration: int, losses: dict, grad_norm: float | None, batch: dict, extra: dict) -> dict:
         names = list(losses)
@@ -127,7 +134,23 @@ class RunLog:
                                       img_s=f"{self.images / self.elapsed:.1f}")
         if self.config.tracker and (iteration + 1) % self.config.log_every == 0:
             self.accelerator.log({k: v for k, v in record.items() if v is not None and k != "iteration"}, step=iteration + 1)
+        self.warn_if_uniform(iteration, record)
         return record
+
+    def warn_if_uniform(self, iteration: int, record: dict) -> None:
+        """Once per run, on the main process: the teacher's CLS targets are uniform after the prototypes have started
+        to train, so the DINO term teaches nothing (the state a run must not discover afterwards)."""
+        if self.warned_uniform or not self.accelerator.is_main_process or self.schedules.prototype_lr[iteration] == 0:
+            return
+        entropy, log_k = record.get("teacher_cls_entropy"), record.get("log_num_prototypes")
+        if entropy is None or log_k is None or entropy < UNIFORM_TARGETS * log_k:
+            return
+        self.warned_uniform = True
+        logger.warning(
+            f"iteration {iteration + 1}: the teacher's DINO targets are uniform (CLS target entropy {entropy:.4f}, "
+            f"log K {log_k:.4f}), so the DINO loss teaches nothing; CLS spread across the batch: teacher "
+            f"{record.get('teacher_cls_spread', float('nan')):.3g}, student {record.get('student_cls_spread', float('nan')):.3g} "
+            "(a teacher far below its student lags it: README, 'Where the DINO branch of `tiny` stops')")
 
     @property
     def elapsed(self) -> float:
