@@ -27,6 +27,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
     assert "pretraining (recipe `tiny`):" in report
+    assert "- DINO branch (means of the last 10 iterations): loss " in report and "teacher CLS target entropy" in report
     assert set(json.loads((out / "timings.json").read_text())) == {
         "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction", "task heads", "pipelines"}
     age = json.loads((out / "heads" / "brain-age" / "results.json").read_text())

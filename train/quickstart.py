@@ -75,7 +75,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
                                  time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
     facts["trained"] = trained = pretrain(config, resume=False)
     facts["recipe"] = recipe
-    facts["losses"] = [record["loss"] for record in read_metrics(out_dir / "pretrain")]
+    facts["records"] = read_metrics(out_dir / "pretrain")
+    facts["losses"] = [record["loss"] for record in facts["records"]]
     timings["pretraining"] = time.perf_counter() - started
 
     started = _step(5, TOTAL_STEPS, "frozen features of held-out scans and the MNI152 template, pretrained backbone")
@@ -102,6 +103,21 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     return report
 
 
+def dino_branch_line(records: list[dict]) -> str:
+    """What the last pretraining records say of the DINO branch: its loss against log K, the teacher's CLS target
+    entropy, and the two CLS spreads that tell a lagging teacher from a collapsed student."""
+    from braindino.train.pretraining.loop import UNIFORM_TARGETS
+
+    mean = lambda key: sum(record[key] for record in records) / len(records)  # noqa: E731
+    entropy = mean("teacher_cls_entropy") / mean("log_num_prototypes")
+    lagging = mean("teacher_cls_spread") < 0.1 * mean("student_cls_spread")
+    state = "informative targets" if entropy < UNIFORM_TARGETS else "uniform targets, so the DINO loss teaches nothing" + (
+        ": the EMA teacher's CLS tokens lag the student's (README, 'Where the DINO branch of `tiny` stops')" if lagging else "")
+    return (f"- DINO branch (means of the last {len(records)} iterations): loss {mean('dino'):.3f} against log K = "
+            f"{mean('log_num_prototypes'):.3f}, teacher CLS target entropy {entropy:.3f} log K, CLS spread across the batch "
+            f"teacher {mean('teacher_cls_spread'):.3f} / student {mean('student_cls_spread'):.3f}: {state}")
+
+
 def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Path:
     """`report.md` (counts, losses, scores, timings, pictures) and `timings.json`."""
     from braindino.train.data.synthetic import CONTRASTS
@@ -119,6 +135,7 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
         f"- pretraining (recipe `{facts['recipe']}`): {trained['iterations']} iterations in {timings['pretraining'] / 60:.1f} min, loss "
         f"{losses[0]:.3f} → {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}); "
         f"backbone in `pretrain/final/backbone`, heads in `pretrain/final/teacher`",
+        dino_branch_line(facts["records"][-10:]),
         f"- features ({facts['backbone'].description}, on {facts['backbone'].device} in "
         f"{facts['features']['dtype']}): "
         + ", ".join(f"`{Path(volume['features']).name}` ({volume['num_slices']} slices)" for volume in facts["features"]["volumes"]),
