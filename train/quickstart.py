@@ -9,6 +9,7 @@ held-out scan (the mask written as NIfTI on the scan's grid) → `space_models.j
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def dino_branch_line(records: list[dict]) -> str:
     entropy, and the two CLS spreads that tell a lagging teacher from a collapsed student."""
     from braindino.train.pretraining.loop import UNIFORM_TARGETS
 
-    mean = lambda key: sum(record[key] for record in records) / len(records)  # noqa: E731
+    def mean(key: str) -> float:  # a NaN step is logged as None
+        values = [record[key] for record in records if record.get(key) is not None]
+        return sum(values) / len(values) if values else math.nan
+
     entropy = mean("teacher_cls_entropy") / mean("log_num_prototypes")
     lagging = mean("teacher_cls_spread") < 0.1 * mean("student_cls_spread")
     state = "informative targets" if entropy < UNIFORM_TARGETS else "uniform targets, so the DINO loss teaches nothing" + (

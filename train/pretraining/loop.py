@@ -146,11 +146,12 @@ class RunLog:
         if entropy is None or log_k is None or entropy < UNIFORM_TARGETS * log_k:
             return
         self.warned_uniform = True
-        logger.warning(
-            f"iteration {iteration + 1}: the teacher's DINO targets are uniform (CLS target entropy {entropy:.4f}, "
-            f"log K {log_k:.4f}), so the DINO loss teaches nothing; CLS spread across the batch: teacher "
-            f"{record.get('teacher_cls_spread', float('nan')):.3g}, student {record.get('student_cls_spread', float('nan')):.3g} "
-            "(a teacher far below its student lags it: README, 'Where the DINO branch of `tiny` stops')")
+        teacher, student = (record.get(f"{name}_cls_spread") for name in ("teacher", "student"))  # None: NaN
+        spreads = "" if None in (teacher, student) else (
+            f"; CLS spread across the batch: teacher {teacher:.3g}, student {student:.3g} (a teacher far below its "
+            "student lags it: README, 'Where the DINO branch of `tiny` stops')")
+        logger.warning(f"iteration {iteration + 1}: the teacher's DINO targets are uniform (CLS target entropy "
+                       f"{entropy:.4f}, log K {log_k:.4f}), so the DINO loss teaches nothing{spreads}")
 
     @property
     def elapsed(self) -> float:
