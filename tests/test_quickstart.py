@@ -1,6 +1,7 @@
 """The README's main job as a real process, bounded: synthetic data → corpus → loader epoch → features."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
     assert "pretraining (recipe `tiny`):" in report
-    assert "- DINO branch (means of the last 10 iterations): loss " in report and "teacher CLS target entropy" in report
+    assert re.search(r"- DINO branch \(means of the last \d+ iterations\): loss \d\.\d{3} against log K = 6\.931, teacher CLS "
+                     r"target entropy \d\.\d{3} log K", report)  # the bounded run may stop before 10 iterations
     assert set(json.loads((out / "timings.json").read_text())) == {
         "synthetic corpus", "prepare-data", "loader epoch", "pretraining", "feature extraction", "task heads", "pipelines"}
     age = json.loads((out / "heads" / "brain-age" / "results.json").read_text())
