@@ -21,8 +21,8 @@ def model_location(value: str) -> str:
     source = rest.partition(":")[0] if kind == "random" else rest if kind in ("dinov3", "dinov2") else value
     try:
         check_model_source(source)
-    except FileNotFoundError:
-        raise argparse.ArgumentTypeError(f"{value}: no such folder (a Hub model id reads user/name)") from None
+    except FileNotFoundError as error:  # the same message, naming the argument as given (its prefix too)
+        raise argparse.ArgumentTypeError(f"{value}: {str(error).removeprefix(f'{source}: ')}") from None
     return value
 
 
