@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -457,3 +458,16 @@ def test_the_log_warns_once_when_the_dino_targets_are_uniform_after_the_prototyp
     (warning,) = caplog.records
     assert warning.getMessage().startswith("iteration 4: the teacher's DINO targets are uniform")
     assert "CLS spread across the batch: teacher " in warning.getMessage() and ", student " in warning.getMessage()
+
+
+def test_messages_during_a_run_print_on_their_own_lines_not_inside_the_progress_bar(recipe, tmp_path):
+    """The uniform-target warning (prototypes training from the first step, at DINOv3's init) and the time-limit
+    line start a line of the terminal's output instead of running on from the progress bar."""
+    config = {**json.loads(recipe.read_text()), "warmup_epochs": 0, "freeze_prototypes_epochs": 0}
+    (tmp_path / "recipe.json").write_text(json.dumps(config))
+    result = subprocess.run(_command(tmp_path / "recipe.json", tmp_path / "run", "--time-limit-minutes", "0"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.split(r"[\r\n]", result.stdout + result.stderr)
+    assert any(line.startswith("iteration 1: the teacher's DINO targets are uniform") for line in lines), result.stderr
+    assert "time limit of 0.0 min reached after 1 iterations" in lines, result.stderr

@@ -170,6 +170,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     """Train; return a summary. With `resume`, continue from the newest complete checkpoint in `output_dir`."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     accelerator = _accelerator(config)
     set_seed(config.seed)
@@ -199,21 +200,23 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                     disable=not accelerator.is_main_process)
     log = RunLog(accelerator, config, schedules, progress)
     iteration = start - 1
-    for iteration in progress:
-        batch = make_batch(collator, next(batches), config.seed, rank, iteration, accelerator.device)
-        losses, grad_norm = train_step(accelerator, model, optimizer, batch, schedules, iteration, config.clip_grad)
-        if refreshes_gram_teacher(config, iteration):
-            accelerator.unwrap_model(model).refresh_gram_teacher()
-        extra = {}
-        if knn_monitor is not None and (iteration + 1) % config.knn_every == 0:
-            extra["knn_balanced_accuracy"] = knn_monitor(accelerator.unwrap_model(model).teacher.braindino)
-        log(iteration, {**losses, **accelerator.unwrap_model(model).last_diagnostics}, grad_norm, batch, extra)
-        out_of_time = log.out_of_time()
-        if (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations or out_of_time:
-            save_checkpoint(accelerator, config.output_dir, iteration + 1, batches.position, config.keep_checkpoints)
-        if out_of_time:
-            accelerator.print(f"time limit of {config.time_limit_minutes} min reached after {iteration + 1} iterations")
-            break
+    with logging_redirect_tqdm():  # a warning mid-run prints on its own line above the bar, not inside it
+        for iteration in progress:
+            batch = make_batch(collator, next(batches), config.seed, rank, iteration, accelerator.device)
+            losses, grad_norm = train_step(accelerator, model, optimizer, batch, schedules, iteration, config.clip_grad)
+            if refreshes_gram_teacher(config, iteration):
+                accelerator.unwrap_model(model).refresh_gram_teacher()
+            extra = {}
+            if knn_monitor is not None and (iteration + 1) % config.knn_every == 0:
+                extra["knn_balanced_accuracy"] = knn_monitor(accelerator.unwrap_model(model).teacher.braindino)
+            log(iteration, {**losses, **accelerator.unwrap_model(model).last_diagnostics}, grad_norm, batch, extra)
+            out_of_time = log.out_of_time()
+            if (iteration + 1) % config.checkpoint_every == 0 or iteration + 1 == config.iterations or out_of_time:
+                save_checkpoint(accelerator, config.output_dir, iteration + 1, batches.position, config.keep_checkpoints)
+            if out_of_time:
+                if accelerator.is_main_process:
+                    logger.info(f"time limit of {config.time_limit_minutes} min reached after {iteration + 1} iterations")
+                break
     batches.close()
     summary = {"iterations": max(iteration + 1, start), "seconds": log.elapsed}
     if accelerator.is_main_process:
