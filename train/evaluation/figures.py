@@ -77,7 +77,8 @@ def loss_curve_figure(metrics_jsonl: Path, out: Path) -> Path:
         axis.set_xlabel("iteration")
         axis.set_ylabel("nats")
         axis.set_title(f"{title} (SYNTHETIC corpus)")
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a run that logged none of these curves gets no empty legend
+            axis.legend(fontsize=8)
     for name in ("teacher_cls_spread", "student_cls_spread"):
         if name in records[0]:
             spreads.plot(iterations, [record[name] for record in records], label=name.removesuffix("_cls_spread"))
