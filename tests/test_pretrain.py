@@ -286,13 +286,20 @@ def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(reci
 
 
 def test_time_limit_stops_every_rank_with_a_checkpoint_and_an_export(recipe, tmp_path):
-    result = subprocess.run(_command(recipe, tmp_path / "run", "--time-limit-minutes", "0"), capture_output=True,
-                            text=True, timeout=600)
+    """Also: the run's messages (the uniform-target warning, with the prototypes training from the first step at
+    DINOv3's init, and the time-limit line) start a line of the output instead of running on from the progress bar."""
+    config = {**json.loads(recipe.read_text()), "warmup_epochs": 0, "freeze_prototypes_epochs": 0}
+    (tmp_path / "recipe.json").write_text(json.dumps(config))
+    result = subprocess.run(_command(tmp_path / "recipe.json", tmp_path / "run", "--time-limit-minutes", "0"),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time limit of 0.0 min reached after 1 iterations" in result.stdout + result.stderr
     assert sorted(_losses(tmp_path / "run")) == [1]
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["iteration"] == 1
     assert "1 iterations" in (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()
+    lines = re.split(r"[\r\n]", result.stdout + result.stderr)
+    assert any(line.startswith("iteration 1: the teacher's DINO targets are uniform") for line in lines), result.stderr
+    assert "time limit of 0.0 min reached after 1 iterations" in lines, result.stderr
 
 
 def test_pretraining_starts_from_dinov3_weights(tmp_path):
@@ -459,16 +466,3 @@ def test_the_log_warns_once_when_the_dino_targets_are_uniform_after_the_prototyp
     (warning,) = caplog.records
     assert warning.getMessage().startswith("iteration 4: the teacher's DINO targets are uniform")
     assert "CLS spread across the batch: teacher " in warning.getMessage() and ", student " in warning.getMessage()
-
-
-def test_messages_during_a_run_print_on_their_own_lines_not_inside_the_progress_bar(recipe, tmp_path):
-    """The uniform-target warning (prototypes training from the first step, at DINOv3's init) and the time-limit
-    line start a line of the terminal's output instead of running on from the progress bar."""
-    config = {**json.loads(recipe.read_text()), "warmup_epochs": 0, "freeze_prototypes_epochs": 0}
-    (tmp_path / "recipe.json").write_text(json.dumps(config))
-    result = subprocess.run(_command(tmp_path / "recipe.json", tmp_path / "run", "--time-limit-minutes", "0"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = re.split(r"[\r\n]", result.stdout + result.stderr)
-    assert any(line.startswith("iteration 1: the teacher's DINO targets are uniform") for line in lines), result.stderr
-    assert "time limit of 0.0 min reached after 1 iterations" in lines, result.stderr
