@@ -36,12 +36,20 @@ def quickstart_backbone(cohort, tmp_path_factory) -> str:
     return pretrain(recipe, resume=False)["backbone"]
 
 
+@pytest.fixture(scope="module")
+def feature_caches(tmp_path_factory) -> dict:
+    """One feature cache per backbone for the module: each volume is encoded once, whichever head and task reads it
+    (the cache refuses a backbone, size or slice count other than the one it was written with)."""
+    root = tmp_path_factory.mktemp("feature-caches")
+    return {"random-init": str(root / "random-init"), "quickstart": str(root / "quickstart")}
+
+
 @pytest.fixture(params=["random-init", "quickstart"])
-def backbone(request) -> dict:
+def backbone(request, feature_caches) -> dict:
     """A random-init tiny at 64 px, or the quickstart's backbone at the 112 px it was trained at (its processor's)."""
     if request.param == "random-init":
-        return {"preset": "tiny", "size": 64}
-    return {"backbone": request.getfixturevalue("quickstart_backbone")}
+        return {"preset": "tiny", "size": 64, "cache_dir": feature_caches["random-init"]}
+    return {"backbone": request.getfixturevalue("quickstart_backbone"), "cache_dir": feature_caches["quickstart"]}
 
 
 def _train(cohort, out, backbone, **settings):
@@ -68,7 +76,7 @@ def test_sequence_head_beats_the_majority_class_at_every_fraction(cohort, backbo
     assert scores["1.0"]["mean"] >= scores["0.1"]["mean"] - max(scores["0.1"]["std"], 0.05)
 
 
-def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohort, tmp_path):
+def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohort, feature_caches, tmp_path):
     """MAE on held-out subjects against predicting the training subjects' mean age: at least 10 % lower (mean over 3
     seeds) with all labels, from the random-init backbone. (The quickstart's one-minute backbone does not reach this
     margin for age from FLAIR — 0.92 of the mean predictor's MAE at 64 px, 1.00 at 112 px, measured — but does from T1:
@@ -77,7 +85,8 @@ def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohor
     import braindino  # noqa: F401  (registers the pipeline tasks)
     from transformers import pipeline
 
-    results = _train(cohort, tmp_path / "age", {"preset": "tiny", "size": 64}, task="regression", labels=str(cohort / "labels.csv"), inputs=["flair"],
+    random_init = {"preset": "tiny", "size": 64, "cache_dir": feature_caches["random-init"]}
+    results = _train(cohort, tmp_path / "age", random_init, task="regression", labels=str(cohort / "labels.csv"), inputs=["flair"],
                      target="age", label_fractions=[1.0])
     rows = _subjects(cohort)
     head, baseline = _head_and_mean_predictor_mae(results, rows)
@@ -92,11 +101,13 @@ def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohor
         assert served == pytest.approx(predicted, abs=0.006), name  # the pipeline reports years to 2 decimals
 
 
-def test_age_head_on_the_quickstart_backbone_beats_the_mean_predictor_from_t1(cohort, quickstart_backbone, tmp_path):
+def test_age_head_on_the_quickstart_backbone_beats_the_mean_predictor_from_t1(cohort, quickstart_backbone, feature_caches,
+                                                                              tmp_path):
     """The quickstart's one-minute backbone, at its 112 px, from T1 (what brain-age models read): held-out MAE at least
     10 % below the training mean's (mean over 3 seeds, all labels). Measured: 0.71 of it (0.76 / 0.55 / 0.81); a head
     that predicts a constant scores about 1.0."""
-    results = _train(cohort, tmp_path / "age-t1", {"backbone": quickstart_backbone}, task="regression",
+    quickstart = {"backbone": quickstart_backbone, "cache_dir": feature_caches["quickstart"]}
+    results = _train(cohort, tmp_path / "age-t1", quickstart, task="regression",
                      labels=str(cohort / "labels.csv"), inputs=["t1"], target="age", label_fractions=[1.0], export=False)
     head, baseline = _head_and_mean_predictor_mae(results, _subjects(cohort))
     assert np.mean(head) <= 0.9 * np.mean(baseline), (head, baseline)

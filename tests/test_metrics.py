@@ -78,3 +78,23 @@ def test_empty_mask_conventions_and_brats_regions():
     relabelled = np.where(lesion == 2, 3, 0)  # oedema called enhancing: WT right, TC and ET false positives
     metrics = brats_metrics(relabelled, lesion, (1, 1, 1))
     assert metrics["dice_whole_tumor"] == 1.0 and metrics["dice_tumor_core"] == 0.0 and metrics["dice_enhancing_tumor"] == 0.0
+
+
+def test_the_selection_auroc_is_scikit_learns_with_ties_and_two_classes():
+    """The epoch-selection AUROC (rank form, for speed) against scikit-learn's on random scores, tied scores, and
+    the binary case, where both read the positive class's column."""
+    from sklearn.metrics import roc_auc_score
+
+    from braindino.train.evaluation.metrics import macro_auroc
+
+    rng = np.random.default_rng(0)
+    for num_classes in (2, 3, 4):
+        labels = np.arange(24) % num_classes
+        for probabilities in (rng.dirichlet(np.ones(num_classes), 24),
+                              rng.dirichlet(np.ones(num_classes), 5)[rng.integers(0, 5, 24)]):  # 5 distinct rows: ties
+            expected = classification_metrics(labels, probabilities)["auroc"]
+            assert macro_auroc(labels, probabilities) == pytest.approx(expected, abs=1e-12)
+    labels = np.array([0, 1, 1, 0, 1])
+    scores = np.array([0.2, 0.7, 0.7, 0.7, 0.1])  # one tie across the classes counts one half
+    assert macro_auroc(labels, np.stack([1 - scores, scores], 1)) == pytest.approx(roc_auc_score(labels, scores))
+    assert roc_auc_score(labels, scores) == pytest.approx((1 + 0.5) * 2 / 6)  # 0.7s over 0.2 and the tied 0.7; 0.1 over none
