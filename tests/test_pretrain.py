@@ -285,6 +285,25 @@ def test_gram_anchoring_in_the_loop_refreshes_its_teacher_and_adds_its_loss(reci
     assert all(torch.equal(states[4]["gram_" + key], states[6]["gram_" + key]) for key in teacher_keys)
 
 
+def test_a_second_run_in_one_process_takes_its_own_precision(recipe, tmp_path):
+    """A notebook or a sweep calls `pretrain()` more than once in one process: an Accelerator made earlier with
+    another precision (fp32 here) does not make the next run fail, and the run trains in the precision it asks for."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from braindino.train.pretraining.loop import pretrain
+    from braindino.train.pretraining.recipe import PretrainConfig
+
+    assert Accelerator(cpu=True).mixed_precision == "no"
+    config = PretrainConfig.load(str(recipe), output_dir=str(tmp_path / "run"), iterations=2, mixed_precision="bf16")
+    try:
+        assert pretrain(config, resume=False)["iterations"] == 2
+        assert AcceleratorState().mixed_precision == "bf16"
+    finally:  # later tests in this process make their own fp32 Accelerator, which would otherwise inherit bf16
+        AcceleratorState._reset_state()
+    assert (tmp_path / "run" / "final" / "backbone" / "model.safetensors").exists()
+
+
 def test_time_limit_stops_every_rank_with_a_checkpoint_and_an_export(recipe, tmp_path):
     """Also: the run's messages (the uniform-target warning, with the prototypes training from the first step at
     DINOv3's init, and the time-limit line) start a line of the output instead of running on from the progress bar."""

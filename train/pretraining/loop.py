@@ -89,8 +89,13 @@ def autocast_precision(setting: str) -> str:
 
 def _accelerator(config: PretrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    if not torch.distributed.is_initialized():
+        # Accelerate keeps the first Accelerator's precision in a process-wide singleton and refuses any other, so
+        # a second run in one process (a notebook, a sweep, a test) would fail; each single-process run sets its own.
+        AcceleratorState._reset_state()
     output_dir = Path(config.output_dir)
     return Accelerator(
         # Without CUDA, cpu=True is what makes processes started by `accelerate launch` join one gloo group;
