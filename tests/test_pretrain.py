@@ -315,7 +315,8 @@ def test_time_limit_stops_every_rank_with_a_checkpoint_and_an_export(recipe, tmp
     assert "time limit of 0.0 min reached after 1 iterations" in result.stdout + result.stderr
     assert sorted(_losses(tmp_path / "run")) == [1]
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["iteration"] == 1
-    assert "1 iterations" in (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()
+    card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()
+    assert "1 iterations (stopped by its time limit of 0 min; the recipe's schedules run to 30)" in card
     lines = re.split(r"[\r\n]", result.stdout + result.stderr)
     assert any(line.startswith("iteration 1: the teacher's DINO targets are uniform") for line in lines), result.stderr
     assert "time limit of 0.0 min reached after 1 iterations" in lines, result.stderr
@@ -370,7 +371,7 @@ def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path, sy
         predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=5, metric="cosine"), embeddings, targets, cv=folds)
         assert records[iteration]["knn_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predicted))
     card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()  # generated from this run's facts
-    assert "10 iterations" in card and "SYNTHETIC" in card and "not for clinical decisions" in card
+    assert "10 iterations in" in card and "SYNTHETIC" in card and "not for clinical decisions" in card  # no time limit hit
     assert "license: mit" in card and "pipeline_tag: image-feature-extraction" in card
     assert_hub_valid_card(tmp_path / "run" / "final" / "backbone" / "README.md")
     for folder in ("student", "teacher", "backbone"):  # each released folder carries the size it trained at

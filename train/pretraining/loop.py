@@ -204,7 +204,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="pretrain",
                     disable=not accelerator.is_main_process)
     log = RunLog(accelerator, config, schedules, progress)
-    iteration = start - 1
+    iteration, out_of_time = start - 1, False
     with logging_redirect_tqdm():  # a warning mid-run prints on its own line above the bar, not inside it
         for iteration in progress:
             batch = make_batch(collator, next(batches), config.seed, rank, iteration, accelerator.device)
@@ -223,7 +223,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
                     logger.info(f"time limit of {config.time_limit_minutes} min reached after {iteration + 1} iterations")
                 break
     batches.close()
-    summary = {"iterations": max(iteration + 1, start), "seconds": log.elapsed}
+    summary = {"iterations": max(iteration + 1, start), "seconds": log.elapsed, "time_limit_reached": out_of_time}
     if accelerator.is_main_process:
         summary["backbone"] = str(export_release(accelerator.unwrap_model(model), config, summary, accelerator))
     accelerator.end_training()
@@ -268,6 +268,7 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
         "model_config": model.teacher.config.to_dict(),
         "manifest": json.loads((Path(config.corpus) / "manifest.json").read_text()),
         "iterations": summary["iterations"],
+        "time_limit_reached": summary["time_limit_reached"],
         "minutes": summary["seconds"] / 60,
         "processes": accelerator.num_processes,
         "device": accelerator.device.type,

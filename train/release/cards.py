@@ -128,6 +128,15 @@ def write_head_card(results: dict, folder: str | Path, model_id: str | None = No
     return path
 
 
+def _time_limit_note(run: dict) -> str:
+    """A run cut short by `time_limit_minutes` says so: its schedules stopped part-way, not where the recipe ends."""
+    if not run.get("time_limit_reached"):
+        return ""
+    recipe = run["recipe"]
+    return (f" (stopped by its time limit of {recipe['time_limit_minutes']:g} min; the recipe's schedules run to "
+            f"{recipe['iterations']})")
+
+
 def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard:
     """The card of a pretrained backbone, from a pretraining run's facts (`run`: the recipe, the model config, the
     iterations, minutes and processes, the losses, the corpus manifest)."""
@@ -167,7 +176,8 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
                       f"LayerScale {model_config['layerscale_value']:g}, {model_config['num_channels']} input channels "
                       "(the grey slice repeated), z-scored intensities."),
         pretraining=(f"DINO (CLS, {recipe['centering'].replace('_', '-')} centring) + iBOT (masked patches) + KoLeo"
-                     f"{' + Gram anchoring' if recipe.get('gram_loss_weight') else ''}; {run['iterations']} iterations in "
+                     f"{' + Gram anchoring' if recipe.get('gram_loss_weight') else ''}; {run['iterations']} iterations"
+                     f"{_time_limit_note(run)} in "
                      f"{run['minutes']:.1f} min on {run['processes']} process(es) ({run['device']}), batch "
                      f"{recipe['batch_size']} per process, 2 global crops of {recipe['global_crop_size']} px + "
                      f"{recipe['local_crops_number']} local crops of {recipe['local_crop_size']} px; loss "
