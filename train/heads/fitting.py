@@ -54,7 +54,8 @@ def fit_head(model, inputs_of, targets: torch.Tensor, validation, config: HeadTr
             continue
         model.eval()
         with torch.no_grad():
-            score = float(validation())
+            # at 10 decimals: one AUC summed in another order differs in its last bits, which must not break a tie
+            score = round(float(validation()), 10)
         curves["validation_score"].append(round(score, 5) if math.isfinite(score) else None)
         plateau.step(score if math.isfinite(score) else -math.inf)
         if math.isfinite(score) and score >= best["score"]:
