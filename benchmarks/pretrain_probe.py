@@ -16,6 +16,11 @@ each with a linear probe (logistic / ridge regression on standardised features) 
 fewer where the training set is smaller). Sizes: 112 px is what the tiny recipe's global crops are, 224 px the
 paper's canvas.
 
+The probe subjects are numbered from 24 whatever `--train-subjects` is (pretraining subjects beyond the first 24
+are numbered after them), so runs with more pretraining data are probed on the same subjects. With `--keep DIR
+--reuse`, runs of the same recipe and seed already finished in DIR are probed again (other `--features`, `--sizes`
+or `--fractions`) without pretraining.
+
     python benchmarks/pretrain_probe.py                      # 3 seeds, 15-minute budget each, 24 + 40 subjects
     python benchmarks/pretrain_probe.py --seeds 0 --minutes 2 --train-subjects 8 --probe-subjects 16   # a quick look
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import tempfile
 import time
@@ -126,6 +132,46 @@ def run_diagnostics(output_dir: Path) -> dict:
     return {key: float(np.mean([record[key] for record in records])) for key in keys}
 
 
+FIRST_PROBE_SUBJECT = 24
+
+
+def write_corpora(root: Path, train_subjects: int, probe_subjects: int) -> list[Path]:
+    """Write the probe subjects (numbered from 24) and the pretraining subjects (0–23, then numbered after the
+    probe subjects), so the probe set is the same however many subjects pretraining gets; return the pretraining
+    folders."""
+    first = min(train_subjects, FIRST_PROBE_SUBJECT)
+    folders = {"probe": (probe_subjects, FIRST_PROBE_SUBJECT), "train": (first, 0)}
+    if train_subjects > first:
+        folders["train-more"] = (train_subjects - first, FIRST_PROBE_SUBJECT + probe_subjects)
+    for name, (subjects, first_index) in folders.items():
+        if _written(root / name) != {"subjects": subjects, "first_index": first_index}:
+            write_synthetic_corpus(root / name, subjects, seed=0, workers=2, first_index=first_index)
+    return [root / name for name in folders if name != "probe"]
+
+
+def _written(folder: Path) -> dict | None:
+    """The subject count and first index of a synthetic corpus already written in `folder` (a kept one)."""
+    description = folder / "dataset_description.json"
+    if not (description.exists() and (folder / "labels.csv").exists()):
+        return None
+    generated = json.loads(description.read_text())["GeneratedBy"][0]
+    return {"subjects": generated["subjects"], "first_index": generated["first_index"]}
+
+
+def pretrained_run(config: PretrainConfig, reuse: bool) -> dict:
+    """Pretrain; with `reuse`, take the finished run of the same recipe already in `output_dir` instead."""
+    output_dir = Path(config.output_dir)
+    if reuse and (output_dir / "final" / "backbone").exists():
+        recipe = json.loads(json.dumps(dataclasses.asdict(config)))
+        if json.loads((output_dir / "config.json").read_text()) != recipe:
+            raise SystemExit(f"{output_dir}: a run of another recipe or seed; --reuse takes only the same one")
+        return {"backbone": str(output_dir / "final" / "backbone"), "iterations": len(read_metrics(output_dir)),
+                "minutes": float("nan")}
+    started = time.perf_counter()
+    summary = pretrain(config, resume=False)
+    return {**summary, "minutes": (time.perf_counter() - started) / 60}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0)
@@ -136,6 +182,8 @@ def main() -> None:
     parser.add_argument("--probe-subjects", type=int, default=40)
     parser.add_argument("--recipe", default="tiny", help="a bundled recipe name or a JSON recipe file")
     parser.add_argument("--keep", help="keep the corpora and the pretraining runs in this folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: probe the runs of the same recipe and seeds already finished there")
     parser.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
                         help="mean CLS (the paper's subject embedding) or CLS + mean patch token (DINOv2's linear probe)")
     parser.add_argument("--student", action="store_true", help="also probe the runs' students (final/student, no EMA)")
@@ -143,9 +191,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
-        write_synthetic_corpus(root / "train", args.train_subjects, seed=0, workers=2)
-        write_synthetic_corpus(root / "probe", args.probe_subjects, seed=0, workers=2, first_index=args.train_subjects)
-        prepare_corpus([root / "train"], root / "corpus", size=128, workers=2, progress=False)
+        sources = write_corpora(root, args.train_subjects, args.probe_subjects)
+        prepare_corpus(sources, root / "corpus", size=128, workers=2, progress=False)
         with open(root / "probe" / "labels.csv") as handle:
             rows = list(csv.DictReader(handle))
         paths = [root / "probe" / row[contrast] for row in rows for contrast in CONTRASTS]
@@ -155,9 +202,8 @@ def main() -> None:
         for seed in args.seeds:
             config = PretrainConfig.load(args.recipe, corpus=str(root / "corpus"), output_dir=str(root / f"run-{seed}"),
                                          tracker=None, time_limit_minutes=args.minutes, seed=seed)
-            started = time.perf_counter()
-            summary = pretrain(config, resume=False)
-            runs.append({"seed": seed, "minutes": (time.perf_counter() - started) / 60, "iterations": summary["iterations"],
+            summary = pretrained_run(config, args.reuse)
+            runs.append({"seed": seed, "minutes": summary["minutes"], "iterations": summary["iterations"],
                          **run_diagnostics(Path(config.output_dir))})
             torch.manual_seed(seed)
             models = {TEACHER: BrainDinoModel.from_pretrained(summary["backbone"]).eval(),
@@ -173,9 +219,9 @@ def main() -> None:
                         scores = probe_scores(features, rows, volume_contrasts, subjects, fraction, seed)
                         results.setdefault((size, fraction), {}).setdefault(name, []).append(scores)
 
-    minutes = ", ".join(f"{run['minutes']:.1f}" for run in runs)
+    minutes = ", ".join("a reused run" if np.isnan(run["minutes"]) else f"{run['minutes']:.1f} min" for run in runs)
     print(f"SYNTHETIC data: pretraining on {args.train_subjects} subjects ({args.train_subjects * 4} volumes), seeds "
-          f"{args.seeds}: {minutes} min on this CPU ({', '.join(str(run['iterations']) for run in runs)} iterations of "
+          f"{args.seeds}: {minutes} on this CPU ({', '.join(str(run['iterations']) for run in runs)} iterations of "
           f"batch {config.batch_size}, crops {config.global_crop_size}/{config.local_crop_size} px, mixed precision "
           f"{config.mixed_precision}); probes on {args.probe_subjects} held-out subjects (5 folds of {args.probe_subjects * 4 // 5} "
           f"training subjects before subsampling); features: {args.features}; mean ± std over seeds")
