@@ -192,7 +192,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
         sources = write_corpora(root, args.train_subjects, args.probe_subjects)
-        prepare_corpus(sources, root / "corpus", size=128, workers=2, progress=False)
+        manifest = prepare_corpus(sources, root / "corpus", size=128, workers=2, progress=False)
+        if manifest["volumes"] != len(CONTRASTS) * args.train_subjects:  # a kept corpus of another run
+            raise SystemExit(f"{root / 'corpus'}: {manifest['volumes']} volumes, not the "
+                             f"{len(CONTRASTS) * args.train_subjects} of {args.train_subjects} subjects; use another --keep")
         with open(root / "probe" / "labels.csv") as handle:
             rows = list(csv.DictReader(handle))
         paths = [root / "probe" / row[contrast] for row in rows for contrast in CONTRASTS]
