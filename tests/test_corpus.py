@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from braindino import BrainDinoImageProcessor
+from braindino import BrainDinoImageProcessor, BrainDinoInputError
+from braindino.train.cli import main as braindino
 from braindino.train.data.slice_corpus import decode_pixels, describe_volume, prepare_corpus, scan_sources
 from braindino.train.data.synthetic import write_synthetic_corpus
 
@@ -110,6 +111,33 @@ def test_resume_after_sigkill_loses_and_doubles_nothing(sources, tmp_path):
     assert not list(out.rglob("*.tmp"))
     rows = sum(pq.read_metadata(out / name).num_rows for name in manifest["sources"]["synthetic"]["files"])
     assert rows == reference["slices"]
+
+
+def test_a_copied_source_folder_is_refused_not_added_twice(sources, tmp_path, capsys):
+    out = tmp_path / "corpus"
+    prepare_corpus([sources / "synthetic"], out, size=32, volumes_per_shard=6, progress=False)
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    copy = tmp_path / "moved" / "synthetic"
+    shutil.copytree(sources / "synthetic", copy)
+
+    assert braindino(["prepare-data", str(copy), "--out", str(out), "--size", "32"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"braindino prepare-data: error: {copy}: the slice corpus {out} "
+                                                  "already holds a source named 'synthetic' from another folder")
+    assert str(sources / "synthetic") in error
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == written  # nothing added
+    again = prepare_corpus([sources / "synthetic", sources / "bids"], out, size=32, progress=False)
+    assert again["sources"]["synthetic"]["volumes"] == 12 and again["sources"]["bids"]["volumes"] == 2
+
+
+def test_two_source_folders_of_one_name_are_refused_before_anything_is_written(sources, tmp_path):
+    namesake = tmp_path / "other" / "synthetic"
+    shutil.copytree(sources / "synthetic" / "synthetic-0000", namesake / "synthetic-0000")
+    with pytest.raises(BrainDinoInputError, match="two source folders are named 'synthetic'"):
+        prepare_corpus([sources / "synthetic", namesake], tmp_path / "corpus", size=32, progress=False)
+    with pytest.raises(BrainDinoInputError, match="given twice"):
+        prepare_corpus([sources / "bids", sources / "bids"], tmp_path / "corpus", size=32, progress=False)
+    assert not list((tmp_path / "corpus").rglob("*.parquet"))
 
 
 def test_parallel_prepare_after_torch_has_run_in_this_process(sources, tmp_path):

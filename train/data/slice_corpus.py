@@ -8,6 +8,8 @@ original shape and path. Raw bytes decode ten times faster than `Array2D` in str
 Shards hold the volumes of one source only (so sources can be mixed by weight) and are written to a
 temporary name, then renamed: an interrupted run never leaves a half-written shard. Each finished shard
 has a JSON record; a re-run skips every volume already recorded and cleans stale temporary files.
+A corpus names each source after its folder, so a re-run that passes another folder of a recorded name
+(a copy, a move, another dataset) is refused: resuming by path would add every volume a second time.
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ def prepare_corpus(
     for stale in list(out_dir.glob("data/*.tmp")) + list(out_dir.glob("shards/*.tmp")):
         stale.unlink()
     records = [json.loads(path.read_text()) for path in sorted((out_dir / "shards").glob("*.json"))]
+    check_source_folders(sources, records, out_dir)
     done = {volume["path"] for record in records for volume in record["volumes"]}
     done |= {failure["path"] for record in records for failure in record["failed"]}
     todo = [entry for entry in scan_sources(sources) if entry.path not in done]
@@ -206,6 +209,33 @@ def prepare_corpus(
     bar.close()
     synthetic = sorted(Path(source).resolve().name for source in sources if declares_synthetic(source))
     return write_manifest(out_dir, records, size, synthetic)
+
+
+def check_source_folders(sources: list[str | Path], records: list[dict], out_dir: Path) -> None:
+    """Refuse two folders of one name: in this call, or this call's folder against the one the corpus recorded."""
+    roots: dict[str, Path] = {}
+    for source in sources:
+        root = Path(source).resolve()
+        if root == roots.get(root.name):
+            raise BrainDinoInputError(str(source), "this source folder is given twice")
+        if root.name in roots:
+            raise BrainDinoInputError(
+                str(source), f"two source folders are named '{root.name}' ({roots[root.name]} and {root}); "
+                "a slice corpus names each source after its folder, so rename one"
+            )
+        roots[root.name] = root
+    for record in records:
+        root = roots.get(record["source"])
+        if root is None:  # a source of the corpus that this call does not pass again: kept as it is
+            continue
+        recorded = [volume["path"] for volume in record["volumes"]] + [failure["path"] for failure in record["failed"]]
+        elsewhere = next((path for path in recorded if not Path(path).is_relative_to(root)), None)
+        if elsewhere is not None:
+            raise BrainDinoInputError(
+                str(root), f"the slice corpus {out_dir} already holds a source named '{root.name}' from another folder "
+                f"({elsewhere}); adding this one would repeat any volume both hold. Pass the folder it was built "
+                "from, rename this one, or write a new corpus folder"
+            )
 
 
 def write_manifest(out_dir: Path, records: list[dict], size: int, synthetic_sources: list[str]) -> dict:
