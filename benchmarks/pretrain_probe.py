@@ -75,6 +75,7 @@ def probe_scores(features: np.ndarray, rows: list[dict], volume_contrasts: list[
     """Linear and k-NN probe scores on one backbone's features (volume order: subject-major, CONTRASTS order);
     NaN where the fraction leaves too few training subjects."""
     groups = np.array(subjects)
+    features = features.astype(np.float64)  # cosine distances of a near-identity network are below float32's resolution
     scores = {}
 
     def score(name, model, x, y, g, metric, proba=False):

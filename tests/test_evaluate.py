@@ -41,6 +41,16 @@ def test_knn_probe_by_hand():
     assert set(correct) == {1, 3} and correct[1].all()  # k=5 exceeds the 4 training cases
 
 
+def test_knn_probe_resolves_embeddings_that_differ_below_float32s_cosine_resolution():
+    # A random network at DINOv3's LayerScale 1e-5: one common token, per-image differences of ~1e-4 relative, so
+    # 1 - cos ~ 1e-8. In float32, 1 - cos is rounding noise there (this split scored 0.2 before the probe used float64).
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    embeddings = rng.normal(size=192) + 1e-4 * rng.normal(size=(2, 192))[labels] + 1e-6 * rng.normal(size=(40, 192))
+    correct = knn_probe(embeddings.astype(np.float32), labels, np.arange(30), np.arange(30, 40), ks=[1, 5])
+    assert correct[1].all() and correct[5].all()
+
+
 def _cli(*arguments):
     result = subprocess.run([sys.executable, "-m", "braindino.train.cli", *map(str, arguments)],
                             capture_output=True, text=True, timeout=900)

@@ -367,7 +367,8 @@ def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path, sy
         teacher.load_state_dict({name.removeprefix("teacher.braindino."): value for name, value in state.items()
                                  if name.startswith("teacher.braindino.")})
         with torch.no_grad():
-            embeddings = np.stack([teacher.encode_slices(volume).cls_tokens.mean(dim=0).numpy() for volume in pixel_values])
+            embeddings = np.stack([teacher.encode_slices(volume).cls_tokens.mean(dim=0).double().numpy()
+                                   for volume in pixel_values])
         predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=5, metric="cosine"), embeddings, targets, cv=folds)
         assert records[iteration]["knn_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predicted))
     card = (tmp_path / "run" / "final" / "backbone" / "README.md").read_text()  # generated from this run's facts

@@ -34,9 +34,13 @@ def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 def knn_probe(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
               ks: list[int]) -> dict[int, np.ndarray]:
-    """Cosine k-NN on L2-normalised embeddings: for each k (at most the training size), which test cases are right."""
+    """Cosine k-NN on L2-normalised embeddings: for each k (at most the training size), which test cases are right.
+
+    In float64: a near-identity network (DINOv3's LayerScale 1e-5, untrained) gives embeddings whose cosine distances
+    are ~1e-8, below float32's resolution of 1 - cos, where neighbours would be rounding noise."""
     from sklearn.neighbors import KNeighborsClassifier
 
+    embeddings = np.asarray(embeddings, dtype=np.float64)
     normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
     correct = {}
     for k in ks:
