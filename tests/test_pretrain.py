@@ -341,6 +341,29 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
     assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
 
 
+def test_knn_monitor_resolves_the_untrained_near_identity_backbone(synthetic_corpus):
+    # At step 0 a run from DINOv3's LayerScale 1e-5 has subject embeddings 1 - cos ~ 1e-8 apart: float32 distances
+    # there are rounding noise, so the monitor scores them in float64 (the recomputation below, in both precisions).
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from braindino.train.pretraining.knn_monitor import KnnMonitor
+
+    monitor = KnnMonitor(synthetic_corpus / "sequences.csv", "image", "contrast", size=64, num_slices=8)
+    torch.manual_seed(0)
+    backbone = BrainDinoModel(BrainDinoConfig.from_preset("tiny")).eval()
+    with torch.no_grad():
+        embeddings = np.stack([backbone.encode_slices(volume).cls_tokens.mean(dim=0).double().numpy()
+                               for volume in monitor.pixel_values])
+    folds = list(GroupKFold(n_splits=5).split(embeddings, groups=monitor.groups))
+    scores = {dtype: balanced_accuracy_score(monitor.targets, cross_val_predict(
+        KNeighborsClassifier(n_neighbors=5, metric="cosine"), embeddings.astype(dtype), monitor.targets, cv=folds))
+        for dtype in (np.float32, np.float64)}
+    assert scores[np.float64] > scores[np.float32] + 0.2  # this backbone is the case float32 cannot resolve
+    assert monitor(backbone) == pytest.approx(scores[np.float64])
+
+
 def test_knn_monitor_and_backbone_card_of_a_pretraining_run(recipe, tmp_path, synthetic_corpus):
     sequences = synthetic_corpus / "sequences.csv"  # 10 subjects: with the recipe corpus's 2, k-NN is always 0.25
     result = subprocess.run(_command(recipe, tmp_path / "run", "--iterations", "10", "--knn-labels", str(sequences),
