@@ -12,8 +12,9 @@ that leaves fewer than 2 training subjects, or a class missing, is reported as t
 - contrast classification (T1 / T1ce / T2 / FLAIR, every volume): balanced accuracy;
 - lesion presence (FLAIR volumes): ROC-AUC;
 - age regression (T1 volumes): MAE in years;
-each with a linear probe (logistic / ridge regression on standardised features) and a cosine k-NN (k = 5, or
-fewer where the training set is smaller). Sizes: 112 px is what the tiny recipe's global crops are, 224 px the
+each with a linear probe (logistic / ridge regression on standardised features) and a cosine k-NN (k = 5; a fold
+with 5 or fewer training volumes is too few for it, since every test volume would get the same prediction whatever
+the features: the training mean or majority). Sizes: 112 px is what the tiny recipe's global crops are, 224 px the
 paper's canvas.
 
 The probe subjects are numbered from 24 whatever `--train-subjects` is (pretraining subjects beyond the first 24
@@ -63,8 +64,8 @@ def _fold_predictions(model, features, targets, groups, fraction: float, seed: i
         train = train[np.isin(groups[train], kept)]
         if len(kept) < 2 or (targets.dtype.kind in "UOb" or proba) and len(np.unique(targets[train])) < 2:
             return None
-        if hasattr(model, "n_neighbors"):
-            model.set_params(n_neighbors=min(5, len(train)))
+        if len(train) <= getattr(model, "n_neighbors", 0):
+            return None
         model.fit(features[train], targets[train])
         predicted[test] = model.predict_proba(features[test])[:, 1] if proba else model.predict(features[test])
     return predicted

@@ -37,8 +37,9 @@ def test_bootstrap_interval_brackets_the_estimate():
 def test_knn_probe_by_hand():
     embeddings = np.array([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1], [1, 0], [0, 1]], float)
     labels = np.array([0, 0, 1, 1, 0, 1])
-    correct = knn_probe(embeddings, labels, np.arange(4), np.array([4, 5]), ks=[1, 3, 5])
-    assert set(correct) == {1, 3} and correct[1].all()  # k=5 exceeds the 4 training cases
+    correct = knn_probe(embeddings, labels, np.arange(4), np.array([4, 5]), ks=[1, 3, 4, 5])
+    # k = 4 would give every test case the majority of the 4 training cases, whatever the embeddings; k = 5 exceeds them
+    assert set(correct) == {1, 3} and correct[1].all()
 
 
 def test_knn_probe_resolves_embeddings_that_differ_below_float32s_cosine_resolution():

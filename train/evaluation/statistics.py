@@ -34,7 +34,8 @@ def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 def knn_probe(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
               ks: list[int]) -> dict[int, np.ndarray]:
-    """Cosine k-NN on L2-normalised embeddings: for each k (at most the training size), which test cases are right.
+    """Cosine k-NN on L2-normalised embeddings: for each k below the training size, which test cases are right (at
+    k = the training size every test case gets the training majority, whatever the embeddings).
 
     In float64: a near-identity network (DINOv3's LayerScale 1e-5, untrained) gives embeddings whose cosine distances
     are ~1e-8, below float32's resolution of 1 - cos, where neighbours would be rounding noise."""
@@ -44,7 +45,7 @@ def knn_probe(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, tes
     normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
     correct = {}
     for k in ks:
-        if k > len(train):
+        if k >= len(train):
             continue
         neighbours = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(normalised[train], labels[train])
         correct[k] = neighbours.predict(normalised[test]) == labels[test]
