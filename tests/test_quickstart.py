@@ -27,7 +27,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert Path(volumes[0]["source"]).name == "synthetic-0004_t1.nii.gz"  # held out: numbered after training
     assert all(volume["num_slices"] == 128 for volume in volumes)
     assert features["random_init"] is False and (out / "pretrain" / "final" / "backbone" / "model.safetensors").exists()
-    assert "pretraining (recipe `tiny`):" in report
+    assert "pretraining (recipe `tiny-layerscale1-nokoleo-noaug`):" in report
+    assert "min (DINO + iBOT)" in result.stdout  # the default recipe's KoLeo weight is 0
     assert re.search(r"- DINO branch \(means of the last \d+ iterations\): loss \d\.\d{3} against log K = 6\.931, teacher CLS "
                      r"target entropy \d\.\d{3} log K", report)  # the bounded run may stop before 10 iterations
     assert set(json.loads((out / "timings.json").read_text())) == {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from braindino import BrainDinoInputError
 from braindino.model_sources import check_model_source
+from braindino.train.quickstart import QUICKSTART_RECIPE
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError)
@@ -237,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--held-out", type=int, default=2)
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.add_argument("--pretrain-minutes", type=float, default=3.0, help="wall-time budget of the pretraining step")
-    quickstart.add_argument("--recipe", default="tiny", help="pretraining recipe: a bundled name or a JSON file")
+    quickstart.add_argument("--recipe", default=QUICKSTART_RECIPE,
+                            help="pretraining recipe: a bundled name or a JSON file (`tiny`: DINOv3's initialisation and "
+                                 "loss weights, whose DINO loss stays at log K for minutes)")
     quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     _add_runtime_arguments(quickstart, loader_workers=False)
     quickstart.set_defaults(run=_quickstart)
