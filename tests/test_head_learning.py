@@ -1,8 +1,8 @@
 """Heads that learn from any frozen backbone: on 24 SYNTHETIC subjects (16 slices), with a random-initialised
 tiny backbone (64 px) (mean-pooled CLS tokens of different volumes agree to about 1e-6 in cosine) and with a
 backbone pretrained with the `tiny` recipe (DINOv3's initialisation) for one minute on these subjects, at its 112 px,
-standardised features let the paper's head beat the trivial baseline on held-out subjects at every label fraction with enough subjects, and the exported head
-gives the same predictions through `pipeline()` as in training."""
+standardised features let the paper's head beat the trivial baseline on held-out subjects at every label fraction
+with enough subjects, and the exported head gives the same predictions through `pipeline()` as in training."""
 
 import csv
 import json
