@@ -90,10 +90,13 @@ def test_folder_loads_with_remote_code_where_the_package_is_not_importable(saved
 def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corpus):
     """A classification head's card (a real train-head run), and backbone cards for weights from scratch, from
     DINOv3 (Meta's licence: `other` with its name and link) and from DINOv2, through huggingface_hub's parsers."""
+    import dataclasses
+
     from conftest import assert_hub_valid_card
 
     from braindino.train.evaluation.head_runs import train_heads
     from braindino.train.heads.config import HeadTrainingConfig
+    from braindino.train.pretraining.recipe import PretrainConfig
     from braindino.train.release.cards import backbone_card
 
     results = train_heads(HeadTrainingConfig(task="classification", labels=str(synthetic_corpus / "sequences.csv"),
@@ -102,8 +105,7 @@ def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corp
     metadata = assert_hub_valid_card(tmp_path / "sequence" / "model" / "README.md")
     assert metadata["pipeline_tag"] == "image-classification" and "brain-mri-classification" in metadata["tags"]
     assert results["synthetic_data"] and "synthetic-data" in metadata["tags"]
-    run = {"recipe": {"preset": "tiny", "init_from": None, "global_crop_size": 112, "centering": "sinkhorn_knopp",
-                      "batch_size": 32, "local_crops_number": 6, "local_crop_size": 48},
+    run = {"recipe": dataclasses.asdict(PretrainConfig.load("tiny")),
            "model_config": BrainDinoConfig.from_preset("tiny").to_dict(), "iterations": 10, "minutes": 0.5,
            "processes": 1, "device": "cpu", "losses": {"first": 9.0, "last_10_mean": 8.0}, "num_parameters": 2_000_000,
            "manifest": {"volumes": 4, "slices": 100, "slice_size": 112, "synthetic_sources": ["synthetic"],
@@ -113,3 +115,8 @@ def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corp
         path = tmp_path / f"backbone-{init_format}.md"
         backbone_card({**run, "recipe": recipe}).save(path)
         assert assert_hub_valid_card(path)["license"] == licence
+    card = backbone_card(run).content  # the terms and augmentation the recipe used, with their weights
+    assert ("DINO (CLS, sinkhorn-knopp centring) × 1 + iBOT (masked patches) × 1 + KoLeo × 0.1; intensity augmentation "
+            "with probability 0.8;") in card
+    card = backbone_card({**run, "recipe": dataclasses.asdict(PretrainConfig.load("tiny-layerscale1-nokoleo-noaug"))}).content
+    assert "iBOT (masked patches) × 1; no intensity augmentation;" in card and "KoLeo" not in card

@@ -137,6 +137,19 @@ def _time_limit_note(run: dict) -> str:
             f"{recipe['iterations']})")
 
 
+def _loss_terms(recipe: dict) -> str:
+    """The loss terms the recipe weighs, with their weights; a term at weight 0 was not trained and is not named."""
+    terms = {f"DINO (CLS, {recipe['centering'].replace('_', '-')} centring)": recipe["dino_loss_weight"],
+             "iBOT (masked patches)": recipe["ibot_loss_weight"], "KoLeo": recipe["koleo_loss_weight"],
+             "Gram anchoring": recipe["gram_loss_weight"]}
+    return " + ".join(f"{name} × {weight:g}" for name, weight in terms.items() if weight)
+
+
+def _augmentation(recipe: dict) -> str:
+    probability = recipe["intensity_augment_probability"]
+    return f"intensity augmentation with probability {probability:g}" if probability else "no intensity augmentation"
+
+
 def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard:
     """The card of a pretrained backbone, from a pretraining run's facts (`run`: the recipe, the model config, the
     iterations, minutes and processes, the losses, the corpus manifest)."""
@@ -175,8 +188,7 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
                       f"{model_config['num_register_tokens']} registers, 2D RoPE (base {model_config['rope_theta']:g}), "
                       f"LayerScale {model_config['layerscale_value']:g}, {model_config['num_channels']} input channels "
                       "(the grey slice repeated), z-scored intensities."),
-        pretraining=(f"DINO (CLS, {recipe['centering'].replace('_', '-')} centring) + iBOT (masked patches) + KoLeo"
-                     f"{' + Gram anchoring' if recipe.get('gram_loss_weight') else ''}; {run['iterations']} iterations"
+        pretraining=(f"{_loss_terms(recipe)}; {_augmentation(recipe)}; {run['iterations']} iterations"
                      f"{_time_limit_note(run)} in "
                      f"{run['minutes']:.1f} min on {run['processes']} process(es) ({run['device']}), batch "
                      f"{recipe['batch_size']} per process, 2 global crops of {recipe['global_crop_size']} px + "
