@@ -60,9 +60,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
                    pretrain_minutes: float = 3.0, device: str = "auto", dtype: str = "auto",
                    recipe: str = QUICKSTART_RECIPE) -> Path:
     """Run every stage into `out_dir`; return the report's path. `recipe`: the pretraining recipe (a bundled name or a
-    JSON file); `device` /
-    `dtype`: where and in which precision the frozen backbone encodes for the features, heads and pipelines
-    (`braindino.precision`)."""
+    JSON file); `device`/`dtype`: where and in which precision the frozen backbone encodes for the features, heads and
+    pipelines (`braindino.precision`)."""
     from braindino.example_data import write_mni152_t1
     from braindino.train.data.synthetic import CONTRASTS
     from braindino.train.heads.feature_cache import extract_features, load_backbone
@@ -77,8 +76,7 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
 
     config = PretrainConfig.load(recipe, corpus=str(out_dir / "corpus"), output_dir=str(out_dir / "pretrain"),
                                  time_limit_minutes=pretrain_minutes, num_workers=workers, seed=seed, tracker=None)
-    terms = " + ".join(name for name, weight in (("DINO", config.dino_loss_weight), ("iBOT", config.ibot_loss_weight),
-                                                  ("KoLeo", config.koleo_loss_weight)) if weight)
+    terms = " + ".join(config.trained_loss_terms())
     started = _step(4, TOTAL_STEPS, f"pretraining the {recipe} recipe for at most {pretrain_minutes:g} min ({terms})")
     facts["trained"] = trained = pretrain(config, resume=False)
     facts["recipe"] = recipe

@@ -90,3 +90,9 @@ class PretrainConfig:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
+
+    def trained_loss_terms(self) -> dict[str, float]:
+        """The loss terms this recipe trains (weight above 0), by name, with their weights."""
+        weights = {"DINO": self.dino_loss_weight, "iBOT": self.ibot_loss_weight, "KoLeo": self.koleo_loss_weight,
+                   "Gram anchoring": self.gram_loss_weight}
+        return {name: weight for name, weight in weights.items() if weight}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from braindino.train.pretraining.recipe import PretrainConfig
+
 # What each task's exported head is, for the card and the pipeline it serves.
 TASK_CARDS = {
     "classification": ("brain-mri-classification", "BrainDinoForClassification", "AutoModelForImageClassification"),
@@ -138,11 +140,10 @@ def _time_limit_note(run: dict) -> str:
 
 
 def _loss_terms(recipe: dict) -> str:
-    """The loss terms the recipe weighs, with their weights; a term at weight 0 was not trained and is not named."""
-    terms = {f"DINO (CLS, {recipe['centering'].replace('_', '-')} centring)": recipe["dino_loss_weight"],
-             "iBOT (masked patches)": recipe["ibot_loss_weight"], "KoLeo": recipe["koleo_loss_weight"],
-             "Gram anchoring": recipe["gram_loss_weight"]}
-    return " + ".join(f"{name} × {weight:g}" for name, weight in terms.items() if weight)
+    """The loss terms the recipe trains, with their weights; a term at weight 0 was not trained and is not named."""
+    details = {"DINO": f" (CLS, {recipe['centering'].replace('_', '-')} centring)", "iBOT": " (masked patches)"}
+    return " + ".join(f"{name}{details.get(name, '')} × {weight:g}"
+                      for name, weight in PretrainConfig(**recipe).trained_loss_terms().items())
 
 
 def _augmentation(recipe: dict) -> str:
