@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 
@@ -53,3 +54,12 @@ def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.
 def dtype_name(dtype: torch.dtype) -> str:
     """`torch.bfloat16` → `"bfloat16"` (what caches and results record)."""
     return str(dtype).removeprefix("torch.")
+
+
+def hardware_name(device: str | torch.device) -> str:
+    """What a run ran on, for model cards: the GPU's name, or the CPU's architecture and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    bf16 = ", native bf16" if device.type == "cpu" and cpu_supports_bf16() else ""
+    return f"{platform.machine() or 'unknown'} CPU, {os.cpu_count()} cores{bf16}" if device.type == "cpu" else device.type

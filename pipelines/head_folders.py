@@ -1,12 +1,16 @@
-"""Head folders on the inference side: export one that runs anywhere, and load the pipeline for one.
+"""Head folders on the inference side: export one, and load the pipeline for one.
 
-An exported folder holds the weights, the config (labels or target statistics, `auto_map`), the processor, the
-module files and its own copy of the pipeline code with `custom_pipelines`, so
-`pipeline(TASK, model=folder, trust_remote_code=True)` also runs where this package is not installed.
+An exported folder holds the weights, the config (labels or target statistics, `auto_map`), the processor and the
+model's module files. By default it carries no pipeline code: with the package installed (and imported),
+`pipeline(TASK, model=folder)` runs the package's own pipeline, with no `trust_remote_code`. transformers demands
+that flag for any folder whose config lists `custom_pipelines`, even where the package registered the task, so only
+folders exported with `pipeline_code=True` (`train-head --pipeline-code`) carry them, with a copy of the pipeline
+code: `pipeline(TASK, model=folder, trust_remote_code=True)` then runs where the package is not installed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -56,15 +60,27 @@ def pipeline_module_file() -> Path:
     return Path(brain_mri.__file__)
 
 
-def export_head(model, processor: BrainDinoImageProcessor, task: str, folder: str | Path) -> Path:
+def export_head(model, processor: BrainDinoImageProcessor, task: str, folder: str | Path,
+                pipeline_code: bool = False) -> Path:
     """Save `model` and `processor` as a complete folder for the train-head `task` (classification, regression,
-    survival, segmentation), with the pipeline code and `custom_pipelines`."""
+    survival, segmentation). `pipeline_code=True` adds the pipeline code and `custom_pipelines`, for users without
+    the package (they, and everyone else, then need `trust_remote_code=True`)."""
     folder = Path(folder)
-    model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
+    if pipeline_code:
+        model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
+    elif hasattr(model.config, "custom_pipelines"):
+        del model.config.custom_pipelines
     processor.save_pretrained(folder)  # first, so the model does not write (and warn about) its default one
     model.save_pretrained(folder)
-    shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
+    if pipeline_code:
+        shutil.copy(pipeline_module_file(), folder / pipeline_module_file().name)
     return folder
+
+
+def carries_pipeline_code(folder: str | Path) -> bool:
+    """Whether a saved folder lists `custom_pipelines` (so transformers asks for `trust_remote_code=True`)."""
+    config = Path(folder) / "config.json"
+    return config.exists() and bool(json.loads(config.read_text()).get("custom_pipelines"))
 
 
 def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch.dtype | None = None):

@@ -20,6 +20,7 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -71,11 +72,15 @@ def _path(file) -> str:
     return unpacked_series(path) if path.lower().endswith(".zip") else path
 
 
+_UPLOADS: dict[str, str] = {}  # a folder unpacked from a zip → the uploaded zip
+
+
 @functools.lru_cache(maxsize=8)
 def unpacked_series(path: str) -> str:
     """A zip of one DICOM series → a folder of its files (what the processor reads); members that would land
     outside the folder, or too many of them, are refused."""
     folder = Path(tempfile.mkdtemp(prefix="braindino-dicom-"))
+    _UPLOADS[str(folder)] = path
     try:
         with zipfile.ZipFile(path) as archive:
             members = [member for member in archive.infolist() if not member.is_dir()]
@@ -90,17 +95,32 @@ def unpacked_series(path: str) -> str:
     return str(folder)
 
 
+def shown_to_the_user(message: str, file) -> str:
+    """`message` with the server's paths of the upload (Gradio's upload folder, a zip's unpacked folder) replaced by
+    the name of the file the user uploaded: the page never shows where the server keeps files."""
+    if file is None:
+        return message
+    upload = file if isinstance(file, str) else file.name
+    name = Path(upload).name
+    for folder, zipped in _UPLOADS.items():
+        if zipped == upload:
+            message = re.sub(re.escape(folder) + r"(/[^\s:,;]*)?", name, message)
+    message = message.replace(upload, name)
+    # anything else under a temporary folder (a server path the error named some other way) shows its last part
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s:,;]*/", "", message)
+
+
 def readable_errors(function):
-    """Bad input becomes one readable message in the page (gr.Error), never a stack trace."""
+    """Bad input becomes one readable message in the page (gr.Error) naming the uploaded file, never a stack trace."""
 
     @functools.wraps(function)
-    def wrapper(*args, **kwargs):
+    def wrapper(file, *args, **kwargs):
         try:
-            return function(*args, **kwargs)
-        except gr.Error:
-            raise
+            return function(file, *args, **kwargs)
+        except gr.Error as error:
+            raise gr.Error(shown_to_the_user(error.message, file)) from None
         except (BrainDinoInputError, ValueError, OSError) as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(shown_to_the_user(str(error), file)) from None
 
     return wrapper
 

@@ -104,7 +104,7 @@ def test_a_pipeline_result_says_how_many_voxels_were_non_finite(tmp_path, head_f
 
     data = _volume((32, 32, 8))
     data[0] = np.nan
-    age = pipeline("brain-age", model=str(head_folders["age"]), trust_remote_code=True)
+    age = pipeline("brain-age", model=str(head_folders["age"]))
     assert age(save_nifti(tmp_path / "nan_outside.nii.gz", data))["non_finite_voxels"] == 32 * 8
     assert "non_finite_voxels" not in age(save_nifti(tmp_path / "clean.nii.gz", _volume((32, 32, 8))))
 
@@ -149,7 +149,7 @@ def test_degenerate_volumes_are_refused_by_a_pipeline_and_the_cli(tmp_path, head
     from transformers import pipeline
 
     path, phrase = _degenerate(tmp_path, case)
-    age = pipeline("brain-age", model=str(head_folders["age"]), trust_remote_code=True)
+    age = pipeline("brain-age", model=str(head_folders["age"]))
     with pytest.raises(BrainDinoInputError, match=phrase):
         age(path)
     result = subprocess.run([sys.executable, "-m", "braindino.train.cli", "predict", "brain-age", path, "--model",

@@ -93,7 +93,7 @@ def test_age_head_beats_the_mean_predictor_and_serves_the_same_predictions(cohor
     assert np.mean(head) <= 0.9 * np.mean(baseline), (head, baseline)
 
     first = next(run for run in results["runs"] if run["seed"] == 0)
-    age = pipeline("brain-age", model=results["exported_model"]["folder"], trust_remote_code=True)
+    age = pipeline("brain-age", model=results["exported_model"]["folder"])
     config = json.loads((tmp_path / "age" / "model" / "config.json").read_text())
     assert len(config["feature_mean"]) == len(config["feature_std"]) == config["hidden_size"]
     for name, predicted in list(first["test_predictions"].items())[:3]:

@@ -214,7 +214,7 @@ def test_survival_and_segmentation_heads_train_and_score(tmp_path, synthetic_cor
     # scored by hand (2|P∩R| / (|P| + |R|), mean over subjects).
     from transformers import pipeline
 
-    segment = pipeline("brain-tumor-segmentation", model=str(segmentation / "model"), trust_remote_code=True)
+    segment = pipeline("brain-tumor-segmentation", model=str(segmentation / "model"))
     rows = {row["subject"]: row for row in csv.DictReader(open(synthetic_corpus / "labels.csv"))}
     dice = []
     for subject in run["test_subjects"]:

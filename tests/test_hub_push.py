@@ -32,13 +32,14 @@ def test_push_then_pipeline_from_the_hub_id_then_offline(hub, tmp_path, syntheti
     config = BrainDinoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                              num_labels=1, target_mean=[50.0], target_std=[10.0], contrasts=["t1"])
     folder = export_head(BrainDinoForRegression(config).eval(), BrainDinoImageProcessor(size=32, num_slices=8),
-                         "regression", tmp_path / "age")
+                         "regression", tmp_path / "age", pipeline_code=True)  # for Hub users without the package
     results = {"task": "regression", "target": "age", "inputs": ["t1"], "backbone": "test backbone",
                "random_init": True, "labels": str(synthetic_corpus / "labels.csv"), "synthetic_data": True,
                "samples": 10, "protocol": "test", "config": {"learning_rate": 1e-3, "weight_decay": 1e-4,
                "patience": 3, "min_epochs": 2, "max_epochs": 5, "label_fractions": [1.0], "folds": 1, "seeds": [0]},
                "summary": {"1.0": {"mae": {"mean": 9.5, "std": 0.0, "n": 1}}},
-               "runs": [{"label_fraction": 1.0, "fold": 0, "seed": 0, "train": 6}],
+               "runs": [{"label_fraction": 1.0, "fold": 0, "seed": 0, "train": 6, "epochs": 5, "train_seconds": 0.1}],
+               "hardware": "x86_64 CPU, 2 cores", "backbone_dtype": "float32", "seconds": 3.0,
                "exported_model": {"run": "fraction1-fold0-seed0"}}
     write_head_card(results, folder, model_id="tester/brain-age")
 
@@ -73,4 +74,4 @@ def test_push_then_pipeline_from_the_hub_id_then_offline(hub, tmp_path, syntheti
 def pipeline_age(folder, scan) -> float:
     from transformers import pipeline
 
-    return pipeline("brain-age", model=str(folder), trust_remote_code=True)(scan)["age"]
+    return pipeline("brain-age", model=str(folder), trust_remote_code=True)(scan)["age"]  # its custom_pipelines ask

@@ -1,6 +1,7 @@
 """`pipeline(TASK, model=folder)` for every BrainDINO task on real NIfTI files: input forms, contrasts, the mask
 on the input's own grid and affine, bad input through the pipeline, `braindino predict`, and the folder's own
-pipeline code in a fresh process where the package cannot be imported."""
+pipeline code in a fresh process where the package cannot be imported, the package's pipeline with no
+trust_remote_code, and the error of a task called without a model."""
 
 import json
 import subprocess
@@ -32,7 +33,7 @@ def subject(synthetic_corpus):
 
 
 def test_brain_age_accepts_a_path_an_image_an_array_with_affine_and_a_list(heads, subject):
-    predict = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)
+    predict = pipeline("brain-age", model=str(heads["age"]))
     from_path = predict(subject["t1"])
     assert set(from_path) == {"age", "num_slices"} and from_path["num_slices"] == 8
     image = nib.load(subject["t1"])
@@ -44,13 +45,13 @@ def test_brain_age_accepts_a_path_an_image_an_array_with_affine_and_a_list(heads
 
 
 def test_each_task_returns_its_result(heads, subject):
-    ranked = pipeline("brain-mri-classification", model=str(heads["sequence"]), trust_remote_code=True)(subject["flair"])
+    ranked = pipeline("brain-mri-classification", model=str(heads["sequence"]))(subject["flair"])
     assert [entry["label"] for entry in ranked] != [] and sorted(entry["label"] for entry in ranked) == ["flair", "t1", "t1ce", "t2"]
     assert sum(entry["score"] for entry in ranked) == pytest.approx(1.0, abs=1e-3)
     assert ranked == sorted(ranked, key=lambda entry: -entry["score"])
-    risk = pipeline("brain-survival", model=str(heads["survival"]), trust_remote_code=True)({c: subject[c] for c in CONTRASTS})
+    risk = pipeline("brain-survival", model=str(heads["survival"]))({c: subject[c] for c in CONTRASTS})
     assert set(risk) == {"risk", "num_slices"} and np.isfinite(risk["risk"])
-    features = pipeline("brain-mri-feature-extraction", model=str(heads["backbone"]), trust_remote_code=True)(
+    features = pipeline("brain-mri-feature-extraction", model=str(heads["backbone"]))(
         subject["t1"], return_slice_embeddings=True)
     assert features["embedding"].shape == (64,) and features["slice_embeddings"].shape == (features["num_slices"], 64)
     np.testing.assert_allclose(features["embedding"], features["slice_embeddings"].mean(axis=0), rtol=1e-5, atol=1e-6)
@@ -68,7 +69,7 @@ def test_segmentation_mask_lies_on_the_input_grid_and_affine(heads, tmp_path, su
     path = str(tmp_path / "lps_oblique_flair.nii.gz")
     nib.save(nib.Nifti1Image(flipped, rotation @ lps_affine), path)
 
-    segment = pipeline("brain-tumor-segmentation", model=str(heads["segmentation"]), trust_remote_code=True)
+    segment = pipeline("brain-tumor-segmentation", model=str(heads["segmentation"]))
     result = segment(path)
     mask = result["mask"]
     assert isinstance(mask, nib.Nifti1Image) and mask.shape == flipped.shape
@@ -95,14 +96,14 @@ def test_segmentation_mask_lies_on_the_input_grid_and_affine(heads, tmp_path, su
 
 
 def test_bad_input_through_the_pipeline_names_the_file_and_the_problem(heads, tmp_path, subject):
-    predict = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)
+    predict = pipeline("brain-age", model=str(heads["age"]))
     text = tmp_path / "notes.nii.gz"
     text.write_text("not an image")
     with pytest.raises(BrainDinoInputError, match="notes.nii.gz"):
         predict(str(text))
     with pytest.raises(BrainDinoInputError, match="affine"):
         predict(np.zeros((8, 8, 8), np.float32))
-    survival = pipeline("brain-survival", model=str(heads["survival"]), trust_remote_code=True)
+    survival = pipeline("brain-survival", model=str(heads["survival"]))
     with pytest.raises(BrainDinoInputError, match="reads 4 contrasts"):
         survival(subject["t1"])
     wrong = {"t1": subject["t1"], "t1ce": subject["t1ce"], "flair": subject["flair"], "dwi": subject["t2"]}
@@ -131,24 +132,76 @@ def test_predict_command_writes_json_and_mask_and_skips_a_bad_file(heads, tmp_pa
     assert "risk" in json.loads(written.read_text())["result"]
 
 
-def test_head_folder_runs_its_own_pipeline_code_where_the_package_is_not_importable(heads, subject):
-    expected = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)(subject["t1"])
-    script = textwrap.dedent(f"""
+def _fresh_process(script: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_an_exported_head_runs_with_the_installed_package_and_no_trust_remote_code(heads, subject):
+    """The default export carries no `custom_pipelines`, so transformers does not ask for the flag: the package's own
+    pipeline runs it, in a fresh process as a user types it."""
+    assert not json.loads((heads["age"] / "config.json").read_text()).get("custom_pipelines")
+    assert not (heads["age"] / "brain_mri.py").exists()
+    expected = pipeline("brain-age", model=str(heads["age"]))(subject["t1"])
+    age = _fresh_process(f"""
+        import braindino
+        from transformers import pipeline
+        predict = pipeline("brain-age", model={str(heads["age"])!r})
+        assert type(predict).__module__ == "braindino.pipelines.brain_mri", type(predict).__module__
+        print(predict({subject["t1"]!r})["age"])
+    """)
+    assert float(age) == expected["age"]
+
+
+def test_a_head_exported_with_its_pipeline_code_runs_where_the_package_is_not_importable(heads, subject, tmp_path):
+    from braindino import BrainDinoForRegression, BrainDinoImageProcessor
+    from braindino.pipelines import export_head
+
+    folder = export_head(BrainDinoForRegression.from_pretrained(heads["age"]).eval(),
+                         BrainDinoImageProcessor.from_pretrained(heads["age"]), "regression", tmp_path / "age",
+                         pipeline_code=True)
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["brain-age"]["pt"] == [
+        "AutoModelForImageClassification"]
+    expected = pipeline("brain-age", model=str(heads["age"]))(subject["t1"])
+    age = _fresh_process(f"""
         import sys
         sys.modules["braindino"] = None
         from transformers import pipeline
-        predict = pipeline("brain-age", model={str(heads["age"])!r}, trust_remote_code=True)
+        predict = pipeline("brain-age", model={str(folder)!r}, trust_remote_code=True)
         assert type(predict).__module__.startswith("transformers_modules"), type(predict).__module__
         print(predict({subject["t1"]!r})["age"])
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected["age"], abs=0.01)
+    assert float(age) == pytest.approx(expected["age"], abs=0.01)
+
+
+def test_every_task_without_a_model_says_what_to_pass():
+    """`pipeline(task)` with no model: one clear error per task (transformers raised a bare KeyError: 'default')."""
+    from braindino.pipelines import PIPELINE_TASKS
+
+    messages = _fresh_process(f"""
+        import json
+        import braindino
+        from transformers import pipeline
+        messages = {{}}
+        for task in {sorted(PIPELINE_TASKS)!r}:
+            try:
+                pipeline(task)
+            except braindino.pipelines.MissingModelError as error:
+                messages[task] = str(error)
+        print(json.dumps(messages))
+    """)
+    messages = json.loads(messages)
+    assert sorted(messages) == sorted(PIPELINE_TASKS)
+    for task, message in messages.items():
+        assert message.startswith(f'pipeline("{task}") needs model=: a BrainDINO model folder or Hub id'), message
+        assert "No pretrained BrainDINO heads are published" in message
+        assert "braindino quickstart" in message and "braindino train-head" in message
 
 
 def test_bfloat16_pipeline_runs_the_model_in_bfloat16_and_agrees_with_float32(heads, subject):
-    full = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True)(subject["t1"])
-    half = pipeline("brain-age", model=str(heads["age"]), trust_remote_code=True, dtype=torch.bfloat16, device="cpu")
+    full = pipeline("brain-age", model=str(heads["age"]))(subject["t1"])
+    half = pipeline("brain-age", model=str(heads["age"]), dtype=torch.bfloat16, device="cpu")
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half(subject["t1"])["age"] == pytest.approx(full["age"], abs=1.0)
 

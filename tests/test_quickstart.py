@@ -43,7 +43,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
     import braindino  # noqa: F401  (registers the pipeline tasks)
 
-    served = pipeline("brain-age", model=str(prediction["model"]), trust_remote_code=True,
+    served = pipeline("brain-age", model=str(prediction["model"]),
                       dtype=getattr(torch, prediction["dtype"]))(prediction["source"])
     assert prediction["result"]["age"] == served["age"]
     assert "brain-age" in report and "predicted age" in report

@@ -65,7 +65,7 @@ def test_every_task_returns_a_sane_result(space, scan, head_folders):
     slider, view, info = client.predict(handle_file(scan), api_name="/load")
     assert "axial slices" in info and "not for clinical decisions" in info
     age = client.predict(handle_file(scan), api_name="/brain_age")
-    assert age == pipeline("brain-age", model=str(head_folders["age"]), trust_remote_code=True)(scan)  # the exported head's own answer, 8 slices
+    assert age == pipeline("brain-age", model=str(head_folders["age"]))(scan)  # the exported head's own answer, 8 slices
     assert age["num_slices"] == 8
     classes = client.predict(handle_file(scan), api_name="/classify")
     assert {entry["label"] for entry in classes["confidences"]} == {"flair", "t1", "t1ce", "t2"}
@@ -107,16 +107,26 @@ def test_a_zip_of_a_dicom_series_loads_like_a_nifti(space, tmp_path):
     assert "12 axial slices" in info and "(40, 36, 12)" in info
 
 
-def test_bad_file_gets_a_readable_message(space):
+def test_bad_file_gets_a_readable_message_naming_the_uploaded_file_only(space, tmp_path):
+    """The message names the file as the user uploaded it, never the server's upload path (Gradio's upload folder,
+    a hash, then the name) or the folder a zip was unpacked into."""
+    import tempfile
+    import zipfile
+
     client, root, _ = space
     from gradio_client import handle_file
 
     bad = root / "broken.nii.gz"
     bad.write_bytes(b"this is not a NIfTI volume")
-    with pytest.raises(Exception) as raised:
-        client.predict(handle_file(str(bad)), api_name="/brain_age")
-    message = str(raised.value)
-    assert "broken.nii.gz" in message and "NIfTI" in message and "Traceback" not in message
+    with zipfile.ZipFile(tmp_path / "not-dicom.zip", "w") as archive:
+        archive.writestr("a.dcm", b"not a DICOM file")
+    for upload, api_name in ((bad, "/brain_age"), (bad, "/load"), (tmp_path / "not-dicom.zip", "/load")):
+        with pytest.raises(Exception) as raised:
+            client.predict(handle_file(str(upload)), api_name=api_name)
+        message = str(raised.value)
+        assert upload.name in message and "Traceback" not in message, message
+        assert tempfile.gettempdir() not in message and "gradio" not in message.lower(), message
+    assert "NIfTI" in message or "DICOM" in message
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's browser: `playwright install` downloads one and fails offline

@@ -124,7 +124,7 @@ def _train_head(args: argparse.Namespace) -> int:
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
         label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
         size=args.size, target_transform=args.target_transform, pooling=args.pooling, volume_head=args.head, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
-        batch_size=args.batch_size, export=not args.no_export, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size, export=not args.no_export, pipeline_code=args.pipeline_code, device=args.device, dtype=args.dtype,
         loader_workers=args.workers,
     )
     print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--min-epochs", type=int, default=None, help="never stop before this epoch (default 30; 4)")
     head.add_argument("--batch-size", type=int, default=16)
     head.add_argument("--no-export", action="store_true", help="do not write the model folder")
+    head.add_argument("--pipeline-code", action="store_true",
+                      help="the exported folder also carries the pipeline code, so pipeline(..., trust_remote_code=True) "
+                           "runs without this package (the flag is then needed everywhere)")
     _add_runtime_arguments(head)
     head.set_defaults(run=_train_head)
 

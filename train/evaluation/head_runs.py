@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from braindino.precision import dtype_name
+from braindino.precision import dtype_name, hardware_name
 from braindino.train.evaluation.metrics import (
     PRIMARY_METRIC,
     brats_metrics,
@@ -106,6 +107,7 @@ def score_segmentation_run(fit: dict, samples: list[Sample], test: np.ndarray) -
 def train_heads(config: HeadTrainingConfig) -> dict:
     """Run every (fold, label fraction, seed) of `config`; write each run's JSON and `results.json`;
     export the head of the largest fraction, first fold and seed as a `save_pretrained` folder with its card."""
+    started = time.perf_counter()
     out = Path(config.output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     samples, synthetic = read_samples(config)
@@ -146,6 +148,8 @@ def train_heads(config: HeadTrainingConfig) -> dict:
         "random_init": backbone.random_init,
         "backbone_device": str(backbone.device),
         "backbone_dtype": dtype_name(backbone.dtype),
+        "hardware": hardware_name(backbone.device),
+        "seconds": time.perf_counter() - started,  # encoding and every head run
         "labels": str(config.labels),
         "synthetic_data": synthetic,
         "samples": len(samples),
@@ -205,4 +209,4 @@ def _save_head(model, backbone: Backbone, config: HeadTrainingConfig, folder: Pa
     processor.num_slices = config.num_slices if config.task != "segmentation" else None  # masks map back exactly
     from braindino.pipelines import export_head
 
-    export_head(model, processor, config.task, folder)
+    export_head(model, processor, config.task, folder, pipeline_code=config.pipeline_code)

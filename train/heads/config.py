@@ -45,6 +45,7 @@ class HeadTrainingConfig:
     dtype: str = "float32"  # the backbone's precision ("auto", float32, bfloat16, float16); recorded in the cache and results
     loader_workers: int = 0  # DataLoader processes reading and preprocessing volumes for the feature cache
     export: bool = True
+    pipeline_code: bool = False  # the export also carries the pipeline code (for users without the package)
 
     def __post_init__(self):
         if self.task not in TASKS:

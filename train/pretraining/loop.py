@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from braindino.precision import resolve_device, resolve_dtype
+from braindino.precision import hardware_name, resolve_device, resolve_dtype
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 from braindino.train.data.stream import ResumableRowBatches
 from braindino.train.pretraining.checkpoints import load_latest_checkpoint, save_checkpoint
@@ -272,6 +272,7 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
         "minutes": summary["seconds"] / 60,
         "processes": accelerator.num_processes,
         "device": accelerator.device.type,
+        "hardware": hardware_name(accelerator.device),
         "losses": {"first": losses[0], "last_10_mean": sum(losses[-10:]) / len(losses[-10:])},
         "num_parameters": sum(parameter.numel() for parameter in model.teacher.braindino.parameters()),
     }

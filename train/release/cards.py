@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from braindino.pipelines import carries_pipeline_code
 from braindino.train.pretraining.recipe import PretrainConfig
+
+# The package is not on PyPI yet: the install line every card shows must be one that works.
+INSTALL = ("Install the package from a checkout of the BrainDINO repository (it is not on PyPI yet): "
+           "`pip install torch==2.13.0 && pip install -e .` in the checkout (torch first, so pip does not pull "
+           "another build).")
+CITATION = """If you use BrainDINO, cite the paper (arXiv 2604.27277; see the arXiv page for its authors) and DINOv3,
+whose self-distillation recipe it follows:
+
+```bibtex
+@misc{braindino2026,
+  title         = {BrainDINO},
+  year          = {2026},
+  eprint        = {2604.27277},
+  archivePrefix = {arXiv},
+}
+@misc{simeoni2025dinov3,
+  title         = {{DINOv3}},
+  author        = {Sim{\\'e}oni, Oriane and others},
+  year          = {2025},
+  eprint        = {2508.10104},
+  archivePrefix = {arXiv},
+}
+```"""
 
 # What each task's exported head is, for the card and the pipeline it serves.
 TASK_CARDS = {
@@ -38,6 +63,18 @@ def backbone_license(spec: str | None) -> dict:
         data = ModelCard.load(card).data.to_dict()
         return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)} or {"license": "mit"}
     return {"license": "mit"}
+
+
+def hub_model_id(spec: str | None) -> str | None:
+    """The Hub id a model spec names (`owner/name`, also behind `dinov3:` / `dinov2:`), for `base_model`; None for
+    local folders, presets and random-initialised baselines, which the Hub cannot link to."""
+    kind, _, rest = (spec or "").partition(":")
+    spec = rest if kind in ("dinov3", "dinov2") else spec
+    if not spec or kind == "random" or Path(spec).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return None
+    return spec
+
+
 METRIC_LIBRARIES = {
     "classification": "scikit-learn (AUROC, accuracy, balanced accuracy, macro-F1)",
     "regression": "scikit-learn (MAE, RMSE, R²) and SciPy (Pearson r)",
@@ -61,8 +98,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard:
-    """The card of an exported head; every number comes from `results` (the `train-head` results JSON)."""
+def _head_compute(results: dict, exported: dict) -> str:
+    return (f"The frozen backbone encoded on {results['hardware']} ({results['backbone_dtype']}); the encoding and "
+            f"{len(results['runs'])} head run(s) took {results['seconds']:.0f} s, the exported head {exported['epochs']} "
+            f"epochs in {exported['train_seconds']:.1f} s from the feature cache.")
+
+
+def head_card(results: dict, model_id: str = "path/to/this/folder", pipeline_code: bool = False) -> ModelCard:
+    """The card of an exported head; every number comes from `results` (the `train-head` results JSON).
+    `pipeline_code`: whether the folder carries the pipeline code (`custom_pipelines`), which decides how to call it."""
     pipeline_task, model_class, auto_class = TASK_CARDS[results["task"]]
     largest = max(results["summary"], key=float)
     dataset = "BrainDINO synthetic corpus (SYNTHETIC)" if results["synthetic_data"] else Path(results["labels"]).parent.name
@@ -81,8 +125,10 @@ def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard
     if results["synthetic_data"]:
         tags.append("synthetic-data")
     model_name = f"BrainDINO {results['task']} head: {results['target']}"
+    base_model = hub_model_id(results["config"].get("backbone"))
     card_data = ModelCardData(library_name="transformers", tags=tags, model_name=model_name, pipeline_tag=hub_task,
-                              eval_results=eval_results, **backbone_license(results["config"].get("backbone")))
+                              eval_results=eval_results, **({"base_model": base_model} if base_model else {}),
+                              **backbone_license(results["config"].get("backbone")))
     runs = results["runs"]
     exported = next((run for run in runs if results["exported_model"] and
                      f"fraction{run['label_fraction']:g}-fold{run['fold']}-seed{run['seed']}" == results["exported_model"]["run"]), runs[0])
@@ -121,12 +167,16 @@ def head_card(results: dict, model_id: str = "path/to/this/folder") -> ModelCard
                    f"({exported['train']} training subjects)."),
         train_size=exported["train"],
         backbone_note=backbone_note,
+        compute=_head_compute(results, exported),
+        pipeline_code=pipeline_code,
+        install=INSTALL,
+        citation=CITATION,
     )
 
 
 def write_head_card(results: dict, folder: str | Path, model_id: str | None = None) -> Path:
     path = Path(folder) / "README.md"
-    head_card(results, model_id or str(folder)).save(path)
+    head_card(results, model_id or str(folder), pipeline_code=carries_pipeline_code(folder)).save(path)
     return path
 
 
@@ -170,8 +220,10 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
         tags.append("synthetic-data")
     losses = run["losses"]
     model_name = f"BrainDINO-{recipe['preset']} backbone"
+    base_model = hub_model_id(init)
     card_data = ModelCardData(library_name="transformers", tags=tags, model_name=model_name,
-                              pipeline_tag="image-feature-extraction", **licence_metadata)
+                              pipeline_tag="image-feature-extraction", **({"base_model": base_model} if base_model else {}),
+                              **licence_metadata)
     template = resources.files("braindino.model_cards").joinpath("backbone.md").read_text()
     sources = ", ".join(f"`{name}` ({counts['volumes']} volumes, {counts['slices']} slices)"
                         for name, counts in manifest["sources"].items())
@@ -199,6 +251,10 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
         training_data=(f"{manifest['volumes']} volumes → {manifest['slices']} axial slices of {manifest['slice_size']} px "
                        f"from {sources}" + (" — SYNTHETIC, not real patients." if synthetic else ".")),
         licence=licence,
+        compute=(f"{run['iterations']} iterations in {run['minutes']:.1f} min on {run['processes']} process(es), "
+                 f"{run.get('hardware', run['device'])}, mixed precision `{recipe['mixed_precision']}`."),
+        install=INSTALL,
+        citation=CITATION,
         scale_note=("Minutes of CPU pretraining on a small corpus: features are far from the paper's 6.6 million slices."
                     if run["minutes"] < 120 else "Check the training data above against your scanners and populations."),
     )
