@@ -50,3 +50,25 @@ def test_what_the_user_can_fix_is_one_line_naming_the_path(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("braindino predict: error: argument --model: ./heads/brain-age: no "
                                                       "such folder (a Hub model id reads user/name)")
+
+
+def test_a_labels_csv_with_unnamed_multi_row_subjects_is_refused_in_one_line(tmp_path, synthetic_corpus):
+    """Without a `subject` column every row is its own subject; the synthetic sequences CSV without it gives each
+    subject four rows (one per contrast, in the subject's folder), which would fall on both sides of a split. The
+    command refuses it in one line naming the file and the column, and the same rows with the column train."""
+    import csv
+
+    rows = list(csv.DictReader(open(synthetic_corpus / "sequences.csv", newline="")))
+    unnamed = tmp_path / "sequences-without-subject.csv"  # absolute image paths, so the shared corpus stays as it is
+    with open(unnamed, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["contrast", "image"])
+        writer.writeheader()
+        writer.writerows({"contrast": row["contrast"], "image": str(synthetic_corpus / row["image"])} for row in rows)
+    result = subprocess.run([sys.executable, "-m", "braindino.train.cli", "train-head", "--task", "classification",
+                             "--labels", str(unnamed), "--inputs", "image", "--target", "contrast", "--size", "32",
+                             "--num-slices", "4", "--out", str(tmp_path / "head")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"braindino train-head: error: {unnamed}: no `subject` column, but 4 rows ("), last
+    assert "add a `subject` column" in last and not (tmp_path / "head" / "results.json").exists()

@@ -156,10 +156,15 @@ def _launch(*arguments) -> list[str]:
 
 
 def test_two_process_launch_of_the_loop_checkpoints_both_ranks(recipe, tmp_path):
-    """`accelerate launch -m braindino.train.pretraining` with 2 processes runs the whole loop: both ranks train, record
+    """`accelerate launch --config_file <the shipped 1node-ddp.yaml> -m braindino.train.pretraining` with 2 processes
+    (as the docs show it, with --num_processes overriding the file's 8) runs the whole loop: both ranks train, record
     their stream positions in the checkpoint, and rank 0 exports the backbone."""
-    two = subprocess.run(_launch("-m", "braindino.train.pretraining", "--config", recipe, "--output-dir", tmp_path / "two",
-                                 "--iterations", "10", "--batch-size", "2"), capture_output=True, text=True, timeout=600)
+    from braindino.train.pretraining.recipe import accelerate_config_path
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config_path("1node-ddp"),
+              "--num_processes", "2", "--main_process_port", "0", "-m", "braindino.train.pretraining"]
+    two = subprocess.run(list(map(str, [*launch, "--config", recipe, "--output-dir", tmp_path / "two", "--iterations", "10",
+                                        "--batch-size", "2"])), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "config.json").read_text())["batch_size"] == 2
     state = json.loads((tmp_path / "two" / "checkpoints" / "latest.json").read_text())

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from braindino import BrainDinoInputError
 from braindino.model_sources import check_model_source
+from braindino.train.heads.config import LabelsFileError
 from braindino.train.quickstart import QUICKSTART_RECIPE
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError, LabelsFileError)
 
 
 def model_location(value: str) -> str:
@@ -167,6 +168,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     run_evaluation(config)
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/evaluation.json, table.md, table.csv, results/*.json and plots")
+    return 0
+
+
+def _accelerate_config(args: argparse.Namespace) -> int:
+    from braindino.train.pretraining.recipe import accelerate_config_path
+
+    print(accelerate_config_path(args.name))
     return 0
 
 
@@ -358,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="user/name")
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=_push_to_hub)
+
+    accelerate_config = commands.add_parser(
+        "accelerate-config", help="print the path of a shipped `accelerate launch --config_file` file (1gpu, 1node-ddp)")
+    accelerate_config.add_argument("name", choices=["1gpu", "1node-ddp"])
+    accelerate_config.set_defaults(run=_accelerate_config)
 
     pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretraining)")
     _add_pretrain_arguments(pretrain)

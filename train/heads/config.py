@@ -9,6 +9,11 @@ TASKS = ("classification", "regression", "survival", "segmentation")
 SEGMENTATION_LABELS = ["background", "necrotic_core", "edema", "enhancing_tumor"]
 
 
+class LabelsFileError(ValueError):
+    """A labels CSV the head cannot train from (no rows, a missing column, unnamed subjects with several rows); the
+    message starts with the file."""
+
+
 @dataclass
 class HeadTrainingConfig:
     """Everything one `train-head` call does; saved beside its results."""

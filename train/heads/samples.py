@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from braindino.train.data.synthetic import declares_synthetic
-from braindino.train.heads.config import HeadTrainingConfig
+from braindino.train.heads.config import HeadTrainingConfig, LabelsFileError
 
 
 @dataclass
@@ -29,11 +29,11 @@ def read_samples(config: HeadTrainingConfig) -> tuple[list[Sample], bool]:
     with open(labels_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
-        raise ValueError(f"{labels_path}: no rows")
+        raise LabelsFileError(f"{labels_path}: no rows")
     wanted = [*config.inputs, config.target, *([config.event] if config.event else [])]
     missing = [column for column in wanted if column not in rows[0]]
     if missing:
-        raise ValueError(f"{labels_path}: no column {', '.join(missing)} (columns: {', '.join(rows[0])})")
+        raise LabelsFileError(f"{labels_path}: no column {', '.join(missing)} (columns: {', '.join(rows[0])})")
     samples = []
     for number, row in enumerate(rows):
         if not all(row[column].strip() for column in wanted):
@@ -48,10 +48,37 @@ def read_samples(config: HeadTrainingConfig) -> tuple[list[Sample], bool]:
         else:
             target = row[config.target].strip()
         samples.append(Sample(subject=row.get("subject", str(number)), inputs=inputs, target=target))
+    if "subject" not in rows[0]:
+        _refuse_unnamed_repeated_subjects(labels_path, samples)
     repeated = len({sample.subject for sample in samples}) < len(samples)
     for sample in samples:
         sample.name = f"{sample.subject}/{Path(sample.inputs[0]).name}" if repeated else sample.subject
     return samples, declares_synthetic(labels_path.parent)
+
+
+def _subject_hint(path: str, csv_folder: Path) -> str | None:
+    """Which subject a volume path points to, when the path says: its BIDS `sub-*` folder, else the folder holding it
+    (unless that is the CSV's own folder, where a flat layout keeps every subject)."""
+    parts = Path(path).parts
+    bids = next((part for part in parts if part.startswith("sub-")), None)
+    folder = Path(path).parent
+    return bids or (str(folder) if folder != csv_folder.resolve() else None)
+
+
+def _refuse_unnamed_repeated_subjects(labels_path: Path, samples: list[Sample]) -> None:
+    """Without a `subject` column each row is its own subject; rows whose volumes sit in one subject's folder (or BIDS
+    `sub-*`) would then be split apart, one sequence in training and another in test. Refuse, naming the column."""
+    rows_of: dict[str, list[int]] = {}
+    for number, sample in enumerate(samples):
+        hint = _subject_hint(sample.inputs[0], labels_path.parent)
+        if hint is not None:
+            rows_of.setdefault(hint, []).append(number)
+    shared = next((rows for rows in rows_of.values() if len(rows) > 1), None)
+    if shared:
+        first, second = (samples[number].inputs[0] for number in shared[:2])
+        raise LabelsFileError(f"{labels_path}: no `subject` column, but {len(shared)} rows ({Path(first).name}, "
+                         f"{Path(second).name}, ...) are volumes of one subject ({Path(first).parent.name}); add a "
+                         "`subject` column so a subject's rows stay on one side of every split")
 
 
 def _strata(samples: list[Sample], task: str) -> np.ndarray | None:

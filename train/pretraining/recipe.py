@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).parent / "configs"
+ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate"  # `accelerate launch --config_file` files we ship
+
+
+def accelerate_config_path(name: str) -> Path:
+    """The shipped `accelerate` config file `name` (`1gpu`, `1node-ddp`)."""
+    path = ACCELERATE_CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"{name}: no such accelerate config (shipped: {names})")
+    return path
 
 
 @dataclass
@@ -41,7 +51,7 @@ class PretrainConfig:
     clip_grad: float = 3.0
     dino_loss_weight: float = 1.0
     # A CPU-scale remedy, 0 in DINOv3: the DINO term is off for `dino_loss_delay_epochs`, then ramps linearly to its
-    # weight over `dino_loss_warmup_epochs` (see the README's DINO-branch table for what each setting measured).
+    # weight over `dino_loss_warmup_epochs` (docs/research/cpu-pretraining.md measures each setting).
     dino_loss_delay_epochs: float = 0
     dino_loss_warmup_epochs: float = 0
     ibot_loss_weight: float = 1.0
@@ -56,7 +66,7 @@ class PretrainConfig:
     local_crop_size: int = 96
     local_crops_number: int = 8
     # Chance of each MRI intensity change per crop (gamma, contrast/brightness, bias field, noise), as DINOv3 applies
-    # its colour jitter with 0.8; self-distillation learns invariance to them (the README measures lower values).
+    # its colour jitter with 0.8; self-distillation learns invariance to them (docs/research/ measures lower values).
     intensity_augment_probability: float = 0.8
     shuffle_buffer: int = 1000
     num_workers: int = 2
