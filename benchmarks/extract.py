@@ -11,7 +11,7 @@ different names, 128 resampled axial slices each at 224 px (the paper's setting)
 - processor: `preprocess_volume_slices` (statistics over the volume, arithmetic on the used slices) against the
   previous recipe (normalise the whole volume, then pick the slices), one thread, outputs compared exactly.
 
-The preprocessing rate per worker says how many workers a GPU needs: the README's table takes it from here.
+The preprocessing rate per worker says how many workers a GPU needs: docs/benchmarks.md takes it from here.
 
     python benchmarks/extract.py                      # ViT-S (preset small), dtype auto, 6 volumes
     python benchmarks/extract.py --preset tiny --volumes 4 --dtype float32

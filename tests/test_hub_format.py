@@ -120,3 +120,49 @@ def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corp
             "with probability 0.8;") in card
     card = backbone_card({**run, "recipe": dataclasses.asdict(PretrainConfig.load("tiny-layerscale1-nokoleo-noaug"))}).content
     assert "iBOT (masked patches) × 1; no intensity augmentation;" in card and "KoLeo" not in card
+
+
+CARD_SECTIONS = ["## How to use", "## Training data", "## Training compute", "## Intended uses", "## Out-of-scope uses",
+                 "## Bias, risks and limitations", "## Citation"]
+
+
+def test_cards_carry_uses_risks_compute_citation_base_model_and_a_true_install_line(tmp_path, synthetic_corpus):
+    """A real train-head run's card (exported without, then with, its pipeline code) and backbone cards from scratch and
+    from a DINOv3 Hub id, read back with huggingface_hub's ModelCard: the sections a Hub user looks for, `base_model`
+    where the start is a Hub id (never a local path), and how to call the folder as it was exported."""
+    import dataclasses
+
+    from huggingface_hub import ModelCard
+
+    from braindino.train.evaluation.head_runs import train_heads
+    from braindino.train.heads.config import HeadTrainingConfig
+    from braindino.train.pretraining.recipe import PretrainConfig
+    from braindino.train.release.cards import INSTALL, backbone_card
+
+    for pipeline_code in (False, True):
+        out = tmp_path / f"age-{pipeline_code}"
+        train_heads(HeadTrainingConfig(task="regression", labels=str(synthetic_corpus / "labels.csv"), inputs=["t1"],
+                                       target="age", size=32, num_slices=4, max_epochs=3, output_dir=str(out),
+                                       pipeline_code=pipeline_code))
+        card = ModelCard.load(out / "model" / "README.md")
+        assert all(section in card.text for section in CARD_SECTIONS), card.text
+        assert INSTALL in card.text and "pip install braindino" not in card.text
+        assert "base_model" not in card.data.to_dict()  # a random-init preset backbone: nothing on the Hub to link
+        call = f'pipeline("brain-age", model="{out / "model"}"' + (", trust_remote_code=True)" if pipeline_code else ")")
+        assert call in card.text, card.text
+        assert ("carries its own pipeline code" in card.text) == pipeline_code
+        assert "encoded on" in card.text and "head run(s) took" in card.text
+    run = {"recipe": dataclasses.asdict(PretrainConfig.load("base")),
+           "model_config": BrainDinoConfig.from_preset("tiny").to_dict(), "iterations": 10, "minutes": 0.5,
+           "processes": 8, "device": "cuda", "hardware": "NVIDIA H100 80GB HBM3", "losses": {"first": 9.0, "last_10_mean": 8.0},
+           "num_parameters": 2_000_000, "manifest": {"volumes": 4, "slices": 100, "slice_size": 224, "sources": {
+               "brats": {"volumes": 4, "slices": 100}}}}
+    hub_start = {**run["recipe"], "init_from": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
+    local_start = {**run["recipe"], "init_from": str(tmp_path)}  # a folder that exists: not a Hub id
+    for recipe, base_model in ((hub_start, "facebook/dinov3-vitb16-pretrain-lvd1689m"), (local_start, None)):
+        path = tmp_path / "backbone.md"
+        backbone_card({**run, "recipe": recipe}).save(path)
+        card = ModelCard.load(path)
+        assert card.data.to_dict().get("base_model") == base_model
+        assert all(section in card.text for section in CARD_SECTIONS) and "## Licence" in card.text
+        assert "10 iterations in 0.5 min on 8 process(es), NVIDIA H100 80GB HBM3, mixed precision `bf16`." in card.text

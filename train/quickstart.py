@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 TOTAL_STEPS = 7
-# The CPU recipe whose DINO branch learns in minutes (README, Benchmarks); `tiny` is DINOv3's initialisation and weights.
+# The CPU recipe whose DINO branch learns in minutes (docs/research/cpu-pretraining.md); `tiny` is DINOv3's
+# initialisation and weights.
 QUICKSTART_RECIPE = "tiny-layerscale1-nokoleo-noaug"
 
 
@@ -120,7 +121,8 @@ def dino_branch_line(records: list[dict]) -> str:
     entropy = mean("teacher_cls_entropy") / mean("log_num_prototypes")
     lagging = mean("teacher_cls_spread") < 0.1 * mean("student_cls_spread")
     state = "informative targets" if entropy < UNIFORM_TARGETS else "uniform targets, so the DINO loss teaches nothing" + (
-        ": the EMA teacher's CLS tokens lag the student's (README, 'Where the DINO branch of `tiny` stops')" if lagging else "")
+        ": the EMA teacher's CLS tokens lag the student's (docs/research/cpu-pretraining.md, 'Where the DINO branch of "
+        "`tiny` stops')" if lagging else "")
     return (f"- DINO branch (means of the last {len(records)} iterations): loss {mean('dino'):.3f} against log K = "
             f"{mean('log_num_prototypes'):.3f}, teacher CLS target entropy {entropy:.3f} log K, CLS spread across the batch "
             f"teacher {mean('teacher_cls_spread'):.3f} / student {mean('student_cls_spread'):.3f}: {state}")

@@ -25,7 +25,7 @@ EMPTY_REFERENCE_HD95 = 373.13
 # The trivial baseline scored beside a metric on the same test subjects: (its metric name, what it predicts).
 TRIVIAL_BASELINES = {"mae": ("mae_mean_predictor", "the training mean"),
                      "balanced_accuracy": ("balanced_accuracy_majority_class", "the majority class")}
-# The metric each task reports first (and the README tables show).
+# The metric each task reports first (and the docs' tables show).
 PRIMARY_METRIC = {"classification": "balanced_accuracy", "regression": "mae", "survival": "c_index",
                   "segmentation": "dice_whole_tumor"}
 

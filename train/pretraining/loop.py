@@ -154,7 +154,7 @@ class RunLog:
         teacher, student = (record.get(f"{name}_cls_spread") for name in ("teacher", "student"))  # None: NaN
         spreads = "" if None in (teacher, student) else (
             f"; CLS spread across the batch: teacher {teacher:.3g}, student {student:.3g} (a teacher far below its "
-            "student lags it: README, 'Where the DINO branch of `tiny` stops')")
+            "student lags it: docs/research/cpu-pretraining.md, 'Where the DINO branch of `tiny` stops')")
         logger.warning(f"iteration {iteration + 1}: the teacher's DINO targets are uniform (CLS target entropy "
                        f"{entropy:.4f}, log K {log_k:.4f}), so the DINO loss teaches nothing{spreads}")
 
