@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from braindino.train.evaluation.protocol import EvaluationConfig, _head_config, backbone_name, run_evaluation
-from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.evaluation.protocol import EvaluationConfig, head_training_config, backbone_name, run_evaluation
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 from braindino.train.heads.samples import read_samples
 from braindino.train.data.synthetic import write_synthetic_corpus
 
@@ -39,7 +40,7 @@ def main() -> None:
                                   size=args.size, output_dir=str(scratch / "evaluate"))
         encode_seconds, volumes = 0.0, 0
         for spec in backbones:
-            head_config = _head_config(config, spec, scratch / "evaluate")
+            head_config = head_training_config(config, spec, scratch / "evaluate")
             samples, _ = read_samples(head_config)
             paths = sorted({path for sample in samples for path in sample.inputs})
             backbone = load_backbone(head_config.backbone, None if head_config.backbone else head_config.preset,

@@ -30,7 +30,8 @@ import torch
 
 from braindino.example_data import write_mni152_t1
 from braindino.precision import dtype_name
-from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 
 
 def _seconds(function) -> float:

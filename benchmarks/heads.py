@@ -29,7 +29,8 @@ import torch
 from memory import peak_rss_mib, rss_mib
 
 from braindino import BrainDinoForRegression
-from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 
 
 def _head(backbone, ages: torch.Tensor) -> BrainDinoForRegression:

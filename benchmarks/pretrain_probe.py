@@ -48,7 +48,7 @@ from sklearn.preprocessing import StandardScaler
 
 from braindino import BrainDinoConfig, BrainDinoImageProcessor, BrainDinoModel
 from braindino.train.data.slice_corpus import prepare_corpus
-from braindino.train.heads.feature_cache import Backbone, embed_volumes
+from braindino.train.encoding.backbones import Backbone, embed_volumes
 from braindino.train.pretraining.loop import pretrain, read_metrics
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus

@@ -228,7 +228,7 @@ def test_a_model_folder_that_does_not_exist_is_named_by_the_python_loaders(tmp_p
     """transformers reads a missing local path as a Hub id and calls it malformed; the loaders behind the pipelines
     and the feature cache name the folder instead, for Python callers as for the CLI."""
     from braindino.pipelines.head_folders import load_pipeline
-    from braindino.train.heads.feature_cache import load_backbone
+    from braindino.train.encoding.backbones import load_backbone
 
     missing = tmp_path / "heads" / "brain-age"
     expected = f"{missing}: no such folder (a Hub model id reads user/name)"

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from braindino import BrainDinoImageProcessor
-from braindino.train.heads.feature_cache import FeatureCache, load_backbone
-from braindino.train.heads.volume_loader import encode_packed, volume_loader
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
+from braindino.train.encoding.volume_loader import encode_packed, volume_loader
 from conftest import save_nifti
 
 

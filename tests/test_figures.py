@@ -8,7 +8,7 @@ from PIL import Image
 
 from braindino import BrainDinoImageProcessor, BrainDinoModel
 from braindino.train.evaluation.figures import loss_curve_figure, segmentation_figure
-from braindino.train.predict import predict_files
+from braindino.pipelines.predict_files import predict_files
 
 
 def test_segmentation_figure_and_loss_curve(head_folders, synthetic_corpus, tmp_path):

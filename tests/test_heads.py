@@ -14,7 +14,8 @@ import torch
 
 from braindino import BrainDinoForRegression
 from braindino.precision import dtype_name, resolve_dtype
-from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 from braindino.train.heads.config import HeadTrainingConfig
 from conftest import assert_hub_valid_card
 from braindino.train.heads.samples import Sample, evaluation_splits, subsample

@@ -22,7 +22,7 @@ from braindino import BrainDinoConfig, BrainDinoForPreTraining, BrainDinoImagePr
 from braindino.train.data.slice_corpus import prepare_corpus
 from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.recipe import RECIPES_DIR, PretrainConfig
-from braindino.train.pretraining.schedules import cosine_schedule, delayed_ramp, linear_then_constant
+from braindino.train.pretraining.schedules import cosine_schedule, linear_then_constant
 from braindino.train.data.synthetic import write_synthetic_corpus
 from conftest import MICRO_MODEL, assert_hub_valid_card
 
@@ -56,9 +56,6 @@ def test_schedules_are_plain_arrays_with_warmup_and_cosine():
     # a 30-epoch teacher-temperature warm-up end at 0.044), never a ramp squeezed into the run
     np.testing.assert_allclose(linear_then_constant(0.04, 0.07, iterations=3, ramp_iterations=6), [0.04, 0.045, 0.05])
     np.testing.assert_allclose(cosine_schedule(1.0, 0.1, iterations=3, warmup_iterations=6), [0, 1 / 6, 2 / 6])
-    np.testing.assert_allclose(delayed_ramp(2.0, iterations=10, delay_iterations=3, ramp_iterations=4),
-                               [0, 0, 0, 0, 0.5, 1.0, 1.5, 2, 2, 2])
-    np.testing.assert_allclose(delayed_ramp(2.0, iterations=4, delay_iterations=0, ramp_iterations=0), [2] * 4)  # DINOv3
 
 
 def test_parameter_groups_follow_the_policy():

@@ -67,7 +67,7 @@ def test_imported_model_survives_save_and_reload(tmp_path):
 
 def test_backbone_spec_converts_natural_image_weights(tmp_path):
     from braindino.train.evaluation.protocol import backbone_name
-    from braindino.train.heads.feature_cache import load_backbone
+    from braindino.train.encoding.backbones import load_backbone
 
     source = _randomize(DINOv3ViTModel(DINOv3ViTConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                        num_attention_heads=4, num_register_tokens=4)))

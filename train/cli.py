@@ -30,7 +30,8 @@ def model_location(value: str) -> str:
 
 def _extract_features(args: argparse.Namespace) -> int:
     from braindino.example_data import write_mni152_t1
-    from braindino.train.heads.feature_cache import extract_features, load_backbone, process_state
+    from braindino.train.encoding.backbones import load_backbone
+    from braindino.train.encoding.feature_cache import extract_features, process_state
 
     paths = list(args.files)
     if args.example == "mni152":
@@ -145,7 +146,7 @@ def _train_head(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from braindino.pipelines.predict_files import predict_files
 
     summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device, dtype=args.dtype,
                             slice_batch_size=args.slice_batch_size)

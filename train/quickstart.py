@@ -65,7 +65,8 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     pipelines (`braindino.precision`)."""
     from braindino.example_data import write_mni152_t1
     from braindino.train.data.synthetic import CONTRASTS
-    from braindino.train.heads.feature_cache import extract_features, load_backbone
+    from braindino.train.encoding.backbones import load_backbone
+    from braindino.train.encoding.feature_cache import extract_features
     from braindino.train.pretraining.loop import pretrain, read_metrics
     from braindino.train.pretraining.recipe import PretrainConfig
 
@@ -221,7 +222,7 @@ def head_report_lines(heads: dict[str, dict]) -> list[str]:
 def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path,
                              device: str = "auto", dtype: str = "auto") -> dict:
     """Every pipeline whose head exists, on one held-out subject, through `braindino predict`'s code path."""
-    from .predict import predict_files
+    from braindino.pipelines.predict_files import predict_files
 
     scans = {contrast: str(next(subject_dir.glob(f"*_{contrast}.nii.gz"))) for contrast in ("t1", "flair")}
     jobs = {"brain-age": (heads["brain age"]["exported_model"]["folder"], scans["t1"]),

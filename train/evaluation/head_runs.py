@@ -30,7 +30,8 @@ from braindino.train.evaluation.metrics import (
     validation_criterion,
 )
 from braindino.train.heads.config import HeadTrainingConfig
-from braindino.train.heads.feature_cache import Backbone, FeatureCache, load_backbone
+from braindino.train.encoding.backbones import Backbone, load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 from braindino.train.heads.samples import Sample, evaluation_splits, minimum_training_subjects, read_samples, subsample
 from braindino.train.heads.segmentation import fit_segmentation_head
 from braindino.train.heads.volume import fit_volume_head

@@ -69,7 +69,9 @@ def backbone_name(spec: str) -> str:
     return Path(spec).name or spec.replace("/", "--")
 
 
-def _head_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTrainingConfig:
+def head_training_config(config: EvaluationConfig, spec: str, out: Path) -> HeadTrainingConfig:
+    """The `train-head` settings `evaluate` runs for one backbone spec (a folder, a Hub id, `random:PRESET[:SEED]`,
+    `dinov3:` / `dinov2:`), with its runs and feature cache in folders of their own under `out`."""
     name = backbone_name(spec)
     if spec.startswith("random:"):
         preset, _, seed = spec.removeprefix("random:").partition(":")
@@ -117,7 +119,7 @@ def _run_arrays(run: dict, samples_by_name: dict, task: str, classes: list[str])
 def run_evaluation(config: EvaluationConfig) -> dict:
     out = Path(config.output_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    head_configs = {backbone_name(spec): _head_config(config, spec, out) for spec in config.backbones}
+    head_configs = {backbone_name(spec): head_training_config(config, spec, out) for spec in config.backbones}
     samples, synthetic = read_samples(next(iter(head_configs.values())))
     samples_by_name = {sample.name: sample for sample in samples}
     classes = sorted({sample.target for sample in samples}) if config.task == "classification" else []
@@ -182,7 +184,8 @@ def _warn_random_baseline_in_16_bits(config: EvaluationConfig) -> None:
 
 def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     """k-NN probe on each backbone's cached subject embeddings (seed 0's split), McNemar against the first."""
-    from braindino.train.heads.feature_cache import FeatureCache, load_backbone
+    from braindino.train.encoding.backbones import load_backbone
+    from braindino.train.encoding.feature_cache import FeatureCache
 
     labels = np.array([classes.index(sample.target) for sample in samples])
     train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.seeds[0])[0]

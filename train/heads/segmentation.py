@@ -12,7 +12,7 @@ import torch
 
 from braindino import BrainDinoForSegmentation
 from braindino.train.heads.config import SEGMENTATION_LABELS, HeadTrainingConfig
-from braindino.train.heads.feature_cache import Backbone
+from braindino.train.encoding.backbones import Backbone
 from braindino.train.heads.fitting import fit_head
 from braindino.train.heads.samples import Sample
 from braindino.train.heads.volume import head_config_from_backbone

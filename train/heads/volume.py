@@ -11,7 +11,8 @@ import torch
 
 from braindino import BrainDinoForClassification, BrainDinoForRegression
 from braindino.train.heads.config import HeadTrainingConfig
-from braindino.train.heads.feature_cache import Backbone, FeatureCache
+from braindino.train.encoding.backbones import Backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 from braindino.train.heads.fitting import fit_head
 from braindino.train.heads.samples import Sample
 

@@ -69,7 +69,7 @@ def train_step(accelerator, model, optimizer, batch: dict, schedules: Schedules,
                clip_grad: float | None) -> tuple[dict[str, torch.Tensor], float | None]:
     """Losses → backward → schedules and step → teacher update. Returns the losses and the gradient norm."""
     with accelerator.autocast():
-        losses = model(batch, float(schedules.teacher_temperature[iteration]), float(schedules.dino_loss_weight[iteration]))
+        losses = model(batch, float(schedules.teacher_temperature[iteration]))
     accelerator.backward(losses["loss"])
     apply_schedules(optimizer, schedules, iteration)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad) if clip_grad else None
@@ -130,7 +130,6 @@ class RunLog:
                   "lr": float(self.schedules.lr[iteration]),
                   "teacher_momentum": float(self.schedules.teacher_momentum[iteration]),
                   "teacher_temperature": float(self.schedules.teacher_temperature[iteration]),
-                  "dino_loss_weight": float(self.schedules.dino_loss_weight[iteration]),
                   "grad_norm": grad_norm, **extra}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as handle:

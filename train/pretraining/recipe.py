@@ -50,10 +50,6 @@ class PretrainConfig:
     patch_embed_lr_multiplier: float = 0.2
     clip_grad: float = 3.0
     dino_loss_weight: float = 1.0
-    # A CPU-scale remedy, 0 in DINOv3: the DINO term is off for `dino_loss_delay_epochs`, then ramps linearly to its
-    # weight over `dino_loss_warmup_epochs` (docs/research/cpu-pretraining.md measures each setting).
-    dino_loss_delay_epochs: float = 0
-    dino_loss_warmup_epochs: float = 0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     gram_loss_weight: float = 0.0  # stage 2: 2.0, the end value of DINOv3's Gram-weight schedule

@@ -39,7 +39,6 @@ class Schedules:
     weight_decay: np.ndarray
     teacher_momentum: np.ndarray
     teacher_temperature: np.ndarray
-    dino_loss_weight: np.ndarray
 
 
 def build_schedules(config: PretrainConfig, global_batch: int) -> Schedules:
@@ -55,13 +54,4 @@ def build_schedules(config: PretrainConfig, global_batch: int) -> Schedules:
         teacher_momentum=cosine_schedule(config.teacher_momentum, config.teacher_momentum_end, config.iterations),
         teacher_temperature=linear_then_constant(config.teacher_temperature_warmup, config.teacher_temperature,
                                                  config.iterations, int(config.teacher_temperature_warmup_epochs * per_epoch)),
-        dino_loss_weight=delayed_ramp(config.dino_loss_weight, config.iterations, int(config.dino_loss_delay_epochs * per_epoch),
-                                      int(config.dino_loss_warmup_epochs * per_epoch)),
     )
-
-
-def delayed_ramp(value: float, iterations: int, delay_iterations: int, ramp_iterations: int) -> np.ndarray:
-    """0 for `delay_iterations`, then linear up to `value` over `ramp_iterations`, then `value` (both 0: constant)."""
-    delay = np.zeros(min(delay_iterations, iterations))
-    return np.concatenate([delay, linear_then_constant(0.0 if ramp_iterations else value, value,
-                                                       iterations - len(delay), ramp_iterations)])

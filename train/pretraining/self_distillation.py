@@ -106,8 +106,8 @@ class SelfDistillation(nn.Module):
                 gram = resize_patch_grid(gram, math.isqrt(masks.shape[1]))
         return {"cls": cls_targets, "patches": patch_targets, "gram": gram, "cls_tokens": output.cls_tokens}
 
-    def forward(self, batch: dict, teacher_temperature: float, dino_loss_weight: float | None = None) -> dict[str, torch.Tensor]:
-        """Each term's value and the weighted `loss`; `dino_loss_weight` overrides the recipe's (its schedule)."""
+    def forward(self, batch: dict, teacher_temperature: float) -> dict[str, torch.Tensor]:
+        """Each term's value and the weighted `loss`."""
         targets = self.teacher_targets(batch, teacher_temperature)
         global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
         global_output = self.student(global_crops, bool_masked_pos=masks, patch_positions=masks)
@@ -124,8 +124,7 @@ class SelfDistillation(nn.Module):
             if targets["gram"] is not None:
                 values["gram"] = self.gram_loss(global_output.patch_tokens, targets["gram"])
         scales = {"koleo": self.num_global_crops}  # DINOv3's koleo_scale; every other term has scale 1
-        weights = self.loss_weights if dino_loss_weight is None else {**self.loss_weights, "dino": dino_loss_weight}
-        values["loss"] = sum(weights[name] * scales.get(name, 1) * value for name, value in values.items())
+        values["loss"] = sum(self.loss_weights[name] * scales.get(name, 1) * value for name, value in values.items())
         self.last_diagnostics = self.diagnostics(targets, global_output)
         return values
 
