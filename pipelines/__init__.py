@@ -24,14 +24,13 @@ from .brain_mri import (
     BrainTumorSegmentationPipeline,
 )
 from .head_folders import (
-    PIPELINE_TASKS,
-    TASK_FOR_HEAD,
     carries_pipeline_code,
     custom_pipelines_entry,
     export_head,
     load_pipeline,
     pipeline_module_file,
 )
+from .tasks import HEAD_TASKS, SPACE_ENTRIES, TASKS, BrainTask
 
 
 class MissingModelError(ValueError):
@@ -62,14 +61,16 @@ class _TaskWithoutDefault(dict):
 
 def register_pipelines() -> None:
     """Register every task with transformers' pipeline registry (idempotent)."""
-    for task, (pipeline_class, model_class, _) in PIPELINE_TASKS.items():
-        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=model_class, type="image")
+    for task, entry in TASKS.items():
+        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=entry.pipeline_class, pt_model=entry.model_class, type="image")
         PIPELINE_REGISTRY.supported_tasks[task] = _TaskWithoutDefault(task, PIPELINE_REGISTRY.supported_tasks[task])
 
 
 __all__ = [
-    "PIPELINE_TASKS",
-    "TASK_FOR_HEAD",
+    "HEAD_TASKS",
+    "SPACE_ENTRIES",
+    "TASKS",
+    "BrainTask",
     "BrainAgePipeline",
     "BrainMRIClassificationPipeline",
     "BrainMRIFeatureExtractionPipeline",

@@ -15,44 +15,22 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 from transformers.utils import logging
 
 from ..image_processing_braindino import BrainDinoImageProcessor
 from ..model_sources import check_model_source
-from ..modeling_braindino import BrainDinoForClassification, BrainDinoForRegression, BrainDinoForSegmentation
 from . import brain_mri
-from .brain_mri import (
-    BrainAgePipeline,
-    BrainMRIClassificationPipeline,
-    BrainMRIFeatureExtractionPipeline,
-    BrainSurvivalPipeline,
-    BrainTumorSegmentationPipeline,
-)
+from .tasks import HEAD_TASKS, TASKS
 
 logger = logging.get_logger(__name__)
-
-# task → (pipeline class, model class used with the package installed, transformers Auto class for remote code)
-PIPELINE_TASKS = {
-    "brain-age": (BrainAgePipeline, BrainDinoForRegression, AutoModelForImageClassification),
-    "brain-survival": (BrainSurvivalPipeline, BrainDinoForRegression, AutoModelForImageClassification),
-    "brain-mri-classification": (BrainMRIClassificationPipeline, BrainDinoForClassification, AutoModelForImageClassification),
-    "brain-tumor-segmentation": (BrainTumorSegmentationPipeline, BrainDinoForSegmentation, AutoModelForSemanticSegmentation),
-    "brain-mri-feature-extraction": (BrainMRIFeatureExtractionPipeline, AutoModel, AutoModel),
-}
-# The head a train-head task exports, and the pipeline task that serves it.
-TASK_FOR_HEAD = {"regression": "brain-age", "survival": "brain-survival", "classification": "brain-mri-classification",
-                 "segmentation": "brain-tumor-segmentation"}
-
 
 def custom_pipelines_entry(task: str) -> dict:
     """The `custom_pipelines` config entry that lets a folder run `task` from its own copy of `brain_mri.py`
     (`pipeline(task, model=folder, trust_remote_code=True)` without this package). transformers resolves the model
-    class by name on its own module, so it must be an Auto class; the folder's `auto_map` picks our head. (Not
-    AutoModel for regression heads: with the package installed, its registration of AutoModel → BrainDinoModel
-    would win over the folder's code.)"""
-    pipeline_class, _, auto_class = PIPELINE_TASKS[task]
-    return {task: {"impl": f"brain_mri.{pipeline_class.__name__}", "pt": [auto_class.__name__], "type": "image"}}
+    class by name on its own module, so it must be an Auto class (`BrainTask.auto_class`); the folder's `auto_map`
+    picks our head."""
+    entry = TASKS[task]
+    return {task: {"impl": f"brain_mri.{entry.pipeline_class.__name__}", "pt": [entry.auto_class.__name__], "type": "image"}}
 
 
 def pipeline_module_file() -> Path:
@@ -67,7 +45,7 @@ def export_head(model, processor: BrainDinoImageProcessor, task: str, folder: st
     the package (they, and everyone else, then need `trust_remote_code=True`)."""
     folder = Path(folder)
     if pipeline_code:
-        model.config.custom_pipelines = custom_pipelines_entry(TASK_FOR_HEAD[task])
+        model.config.custom_pipelines = custom_pipelines_entry(HEAD_TASKS[task].name)
     elif hasattr(model.config, "custom_pipelines"):
         del model.config.custom_pipelines
     processor.save_pretrained(folder)  # first, so the model does not write (and warn about) its default one
@@ -86,12 +64,12 @@ def carries_pipeline_code(folder: str | Path) -> bool:
 def load_pipeline(task: str, model: str, device: str | None = None, dtype: torch.dtype | None = None):
     """The pipeline for `task` on a local folder or Hub id, built from this package's classes (so no remote code
     runs, even for folders that also carry `custom_pipelines` for users without the package)."""
-    pipeline_class, model_class, _ = PIPELINE_TASKS[task]
+    entry = TASKS[task]
     check_model_source(model)
-    loaded = model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
+    loaded = entry.model_class.from_pretrained(model, **({"dtype": dtype} if dtype else {}))
     try:
         processor = BrainDinoImageProcessor.from_pretrained(model)
     except OSError:  # a folder saved before models wrote their default processor: the processor has no learned state
         logger.warning_once(f"{model}: no image processor in the folder; using the model's default one")
         processor = loaded.default_image_processor()
-    return pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)
+    return entry.pipeline_class(model=loaded.eval(), image_processor=processor, task=task, device=device)

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from braindino import BrainDinoInputError
-from braindino.pipelines import load_pipeline
+from braindino.pipelines import TASKS, load_pipeline
 from braindino.precision import dtype_name, resolve_device, resolve_dtype
 
 
@@ -58,7 +58,7 @@ def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path,
         name = _output_name(source)
         record = {"task": task, "model": model, "source": source, "device": str(device),
                   "dtype": dtype_name(pipe.model.dtype)}
-        if task == "brain-tumor-segmentation":
+        if TASKS[task].returns_mask:
             mask_path = out_dir / f"{name}_seg.nii.gz"
             nib.save(result.pop("mask"), mask_path)
             record["mask"] = str(mask_path)

@@ -31,13 +31,11 @@ import numpy as np
 
 from braindino import BrainDinoInputError
 from braindino.feature_maps import cls_attention_map, patch_pca_rgb
-from braindino.pipelines import load_pipeline
+from braindino.pipelines import SPACE_ENTRIES, load_pipeline
 from braindino.precision import DTYPES, resolve_device, resolve_dtype
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD = "256mb"
-TASKS = {"brain_age": "brain-age", "classification": "brain-mri-classification",
-         "segmentation": "brain-tumor-segmentation", "backbone": "brain-mri-feature-extraction"}
 LABEL_COLOURS = {"necrotic_core": "#1f77b4", "edema": "#2ca02c", "enhancing_tumor": "#d62728"}
 REPRESENTATION_SIZE = 448  # 28 x 28 patches of 16 px: a map worth looking at, whatever size the backbone trained at
 MAX_ZIP_MEMBERS, MAX_UNPACKED_BYTES = 4096, 2**31  # a series zip is refused beyond these (no zip bombs)
@@ -46,9 +44,9 @@ MAX_ZIP_MEMBERS, MAX_UNPACKED_BYTES = 4096, 2**31  # a series zip is refused bey
 def load_config() -> dict[str, str | None]:
     path = Path(os.environ.get("BRAINDINO_SPACE_CONFIG", HERE / "models.json"))
     config = json.loads(path.read_text())
-    unknown = set(config) - set(TASKS) - {"example"}
+    unknown = set(config) - set(SPACE_ENTRIES) - {"example"}
     if unknown:
-        raise ValueError(f"{path}: unknown entries {sorted(unknown)}; expected {sorted(TASKS)} and optionally example")
+        raise ValueError(f"{path}: unknown entries {sorted(unknown)}; expected {sorted(SPACE_ENTRIES)} and optionally example")
     return config
 
 
@@ -62,7 +60,7 @@ def pipeline_for(entry: str):
     if not model:
         raise gr.Error(f"No {entry.replace('_', ' ')} model is configured for this Space (see spaces/models.json).")
     device = resolve_device(RUNTIME["device"])
-    return load_pipeline(TASKS[entry], model, device=device, dtype=resolve_dtype(RUNTIME["dtype"], device))
+    return load_pipeline(SPACE_ENTRIES[entry].name, model, device=device, dtype=resolve_dtype(RUNTIME["dtype"], device))
 
 
 def _path(file) -> str:

@@ -177,14 +177,14 @@ def test_a_head_exported_with_its_pipeline_code_runs_where_the_package_is_not_im
 
 def test_every_task_without_a_model_says_what_to_pass():
     """`pipeline(task)` with no model: one clear error per task (transformers raised a bare KeyError: 'default')."""
-    from braindino.pipelines import PIPELINE_TASKS
+    from braindino.pipelines import TASKS
 
     messages = _fresh_process(f"""
         import json
         import braindino
         from transformers import pipeline
         messages = {{}}
-        for task in {sorted(PIPELINE_TASKS)!r}:
+        for task in {sorted(TASKS)!r}:
             try:
                 pipeline(task)
             except braindino.pipelines.MissingModelError as error:
@@ -192,7 +192,7 @@ def test_every_task_without_a_model_says_what_to_pass():
         print(json.dumps(messages))
     """)
     messages = json.loads(messages)
-    assert sorted(messages) == sorted(PIPELINE_TASKS)
+    assert sorted(messages) == sorted(TASKS)
     for task, message in messages.items():
         assert message.startswith(f'pipeline("{task}") needs model=: a BrainDINO model folder or Hub id'), message
         assert "No pretrained BrainDINO heads are published" in message

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from braindino import BrainDinoInputError
 from braindino.model_sources import check_model_source
+from braindino.pipelines import HEAD_TASKS, TASKS
 from braindino.train.heads.config import LabelsFileError
 from braindino.train.quickstart import QUICKSTART_RECIPE
 
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.set_defaults(run=_stream)
 
     head = commands.add_parser("train-head", help="train a task head on the frozen backbone (feature cache, label fractions, folds)")
-    head.add_argument("--task", required=True, choices=["classification", "regression", "survival", "segmentation"])
+    head.add_argument("--task", required=True, choices=HEAD_TASKS)
     head.add_argument("--labels", required=True, help="CSV with one row per subject (or volume); paths relative to it")
     head.add_argument("--inputs", nargs="+", required=True, help="column(s) holding volume paths; several = contrasts")
     head.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
@@ -331,10 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arguments(head)
     head.set_defaults(run=_train_head)
 
-    from braindino.pipelines import PIPELINE_TASKS
-
     predict = commands.add_parser("predict", help="run a pipeline on NIfTI files; JSON (and mask NIfTI) per input")
-    predict.add_argument("task", choices=sorted(PIPELINE_TASKS))
+    predict.add_argument("task", choices=sorted(TASKS))
     predict.add_argument("inputs", nargs="+", help="scan.nii.gz, or t1=a.nii.gz,flair=b.nii.gz for multi-contrast heads")
     predict.add_argument("--model", required=True, type=model_location, help="a head folder (train-head's OUT/model) or Hub id")
     predict.add_argument("--out", default="outputs/predictions")
@@ -343,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser("evaluate", help="the paper's frozen protocol for several backbones: tables, plots, tests")
-    evaluate.add_argument("--task", required=True, choices=["classification", "regression", "survival", "segmentation"])
+    evaluate.add_argument("--task", required=True, choices=HEAD_TASKS)
     evaluate.add_argument("--labels", required=True)
     evaluate.add_argument("--inputs", nargs="+", required=True)
     evaluate.add_argument("--target", required=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from braindino.pipelines import SPACE_ENTRIES
+
 TOTAL_STEPS = 7
 # The CPU recipe whose DINO branch learns in minutes (docs/research/cpu-pretraining.md); `tiny` is DINOv3's
 # initialisation and weights.
@@ -266,10 +268,11 @@ def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subjec
 
 def write_space_config(out_dir: Path, heads: dict[str, dict], backbone: str, example: Path) -> Path:
     """A `models.json` for the Space naming this run's models and a held-out SYNTHETIC example (absolute paths)."""
-    config = {"brain_age": str(Path(heads["brain age"]["exported_model"]["folder"]).resolve()), "classification": None,
-              "segmentation": None, "backbone": str(Path(backbone).resolve()), "example": str(example.resolve())}
-    if "tumour segmentation" in heads:
-        config["segmentation"] = str(Path(heads["tumour segmentation"]["exported_model"]["folder"]).resolve())
+    folders = {results["task"]: results["exported_model"]["folder"] for results in heads.values()}
+    folders[None] = backbone  # the feature-extraction entry takes any BrainDINO folder
+    config = {key: str(Path(folders[task.head_task]).resolve()) if task.head_task in folders else None
+              for key, task in SPACE_ENTRIES.items()}
+    config["example"] = str(example.resolve())
     path = out_dir / "space_models.json"
     path.write_text(json.dumps(config, indent=2))
     return path.resolve()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TASKS = ("classification", "regression", "survival", "segmentation")
+from braindino.pipelines import HEAD_TASKS
+
+TASKS = tuple(HEAD_TASKS)  # the heads train-head fits, one per pipeline task that serves one
 # BraTS 2023 label names, index = label value (the synthetic corpus uses the same).
 SEGMENTATION_LABELS = ["background", "necrotic_core", "edema", "enhancing_tumor"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from braindino.pipelines import carries_pipeline_code
+from braindino.pipelines import HEAD_TASKS, carries_pipeline_code
 from braindino.train.pretraining.recipe import PretrainConfig
 
 # The package is not on PyPI yet: the install line every card shows must be one that works.
@@ -34,17 +34,6 @@ whose self-distillation recipe it follows:
 }
 ```"""
 
-# What each task's exported head is, for the card and the pipeline it serves.
-TASK_CARDS = {
-    "classification": ("brain-mri-classification", "BrainDinoForClassification", "AutoModelForImageClassification"),
-    "regression": ("brain-age", "BrainDinoForRegression", "AutoModelForImageClassification"),
-    "survival": ("brain-survival", "BrainDinoForRegression", "AutoModelForImageClassification"),
-    "segmentation": ("brain-tumor-segmentation", "BrainDinoForSegmentation", "AutoModelForSemanticSegmentation"),
-}
-# The Hub's own task ids (pipeline_tag, model-index task types); our pipeline task names go in `tags`. The Hub has
-# no image-regression task, so regression and survival heads say `other` and carry a `regression` tag.
-HUB_TASKS = {"classification": "image-classification", "segmentation": "image-segmentation",
-             "regression": "other", "survival": "other"}
 # Weights started from natural-image DINOv3 are under Meta's DINOv3 License, which is not an SPDX licence.
 DINOV3_LICENSE = {"license": "other", "license_name": "dinov3-license",
                   "license_link": "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"}
@@ -107,10 +96,11 @@ def _head_compute(results: dict, exported: dict) -> str:
 def head_card(results: dict, model_id: str = "path/to/this/folder", pipeline_code: bool = False) -> ModelCard:
     """The card of an exported head; every number comes from `results` (the `train-head` results JSON).
     `pipeline_code`: whether the folder carries the pipeline code (`custom_pipelines`), which decides how to call it."""
-    pipeline_task, model_class, auto_class = TASK_CARDS[results["task"]]
+    served = HEAD_TASKS[results["task"]]
+    pipeline_task, model_class, auto_class = served.name, served.model_class.__name__, served.auto_class.__name__
     largest = max(results["summary"], key=float)
     dataset = "BrainDINO synthetic corpus (SYNTHETIC)" if results["synthetic_data"] else Path(results["labels"]).parent.name
-    hub_task = HUB_TASKS[results["task"]]
+    hub_task = served.hub_task
     eval_results = [
         EvalResult(task_type=hub_task, task_name=pipeline_task,
                    dataset_type="braindino-synthetic" if results["synthetic_data"] else "custom",
@@ -120,7 +110,7 @@ def head_card(results: dict, model_id: str = "path/to/this/folder", pipeline_cod
         if name in TABLE_METRICS and values["n"] > 0
     ]
     tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"], pipeline_task]
-    if results["task"] in ("regression", "survival"):
+    if hub_task == "other":  # the Hub has no image-regression task: regression and survival heads carry a tag
         tags.append("regression")
     if results["synthetic_data"]:
         tags.append("synthetic-data")
