@@ -196,7 +196,8 @@ def _pretrain(args: argparse.Namespace) -> int:
                                  num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
                                  init_format=args.init_format, mixed_precision=args.mixed_precision,
                                  time_limit_minutes=args.time_limit_minutes, knn_labels=args.knn_labels,
-                                 knn_every=args.knn_every, compile=args.compile or None)
+                                 knn_every=args.knn_every, compile=args.compile or None, sharding=args.sharding,
+                                 gradient_accumulation_steps=args.gradient_accumulation_steps)
     if args.tracker is not None:
         config.tracker = None if args.tracker == "none" else args.tracker
     if not config.corpus:
@@ -212,7 +213,12 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", help="a folder written by prepare-data")
     parser.add_argument("--output-dir")
     parser.add_argument("--iterations", type=int)
-    parser.add_argument("--batch-size", type=int, help="per process")
+    parser.add_argument("--batch-size", type=int, help="images per process and micro-batch")
+    parser.add_argument("--gradient-accumulation-steps", type=int,
+                        help="micro-batches per optimiser step (global batch = batch size x processes x this)")
+    parser.add_argument("--sharding", choices=["ddp", "fsdp2"],
+                        help="ddp: every process holds the whole model; fsdp2: each holds a shard of every weight "
+                             "(shipped launcher configs: braindino accelerate-config)")
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--num-workers", type=int)
     parser.add_argument("--seed", type=int)

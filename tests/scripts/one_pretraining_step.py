@@ -1,20 +1,22 @@
-"""One step of the pretraining loop's own `train_step` on a fixed global batch of 8 images; with N processes each rank
-takes its 8 / N. Writes the student's parameters after the step (rank 0) to the path given.
+"""Steps of the pretraining loop's own `train_step` on a fixed global batch of 8 images; with N processes each rank
+takes its 8 / N. Writes the student's parameters after the steps (gathered from the shards under FSDP2, rank 0) to
+the path given.
 
     python one_pretraining_step.py OUT.safetensors [--share 0]     # 1 process (--share k: only rank k's half of the batch)
-    accelerate launch --multi_gpu --num_processes 2 one_pretraining_step.py OUT.safetensors
+    accelerate launch --multi_gpu --num_processes 2 one_pretraining_step.py OUT.safetensors [--sharding fsdp2] [--steps 3]
 """
 
-import sys
+import argparse
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from braindino.train.pretraining.loop import build_optimizer, train_step
+from braindino.train.pretraining.loop import distribute, train_step
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.pretraining.schedules import build_schedules
 from braindino.train.pretraining.self_distillation import SelfDistillation, build_student
+from braindino.train.pretraining.sharding import full_state_dict, is_sharded
 
 GLOBAL_BATCH = 8
 # KoLeo is per rank by design (nearest neighbours within a rank's batch, as in DINOv3), and RoPE augmentation draws
@@ -36,23 +38,30 @@ def global_batch() -> dict:
 
 
 def main() -> None:
-    out = sys.argv[1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--share", type=int, help="one process taking only this rank's half of the batch")
+    parser.add_argument("--sharding", default="ddp")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
+    args = parser.parse_args()
     accelerator = Accelerator(cpu=True)
-    share = int(sys.argv[3]) if "--share" in sys.argv else accelerator.process_index
-    parts = 2 if "--share" in sys.argv else accelerator.num_processes
+    share = accelerator.process_index if args.share is None else args.share
+    parts = accelerator.num_processes if args.share is None else 2
     recipe = PretrainConfig(preset="tiny", model_overrides=MODEL, iterations=4, iterations_per_epoch=1, warmup_epochs=0,
-                            freeze_prototypes_epochs=0, koleo_loss_weight=0.0, base_lr=0.05)
+                            freeze_prototypes_epochs=0, koleo_loss_weight=0.0, base_lr=0.05, sharding=args.sharding)
     torch.manual_seed(0)
-    model = SelfDistillation(build_student(recipe), recipe)
-    optimizer = build_optimizer(model.student, recipe)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distribute(accelerator, SelfDistillation(build_student(recipe), recipe), recipe)
     size = GLOBAL_BATCH // parts
     mine = slice(share * size, (share + 1) * size)
     batch = {key: value[:, mine].flatten(0, 1) for key, value in global_batch().items()}
-    train_step(accelerator, model, optimizer, batch, build_schedules(recipe, GLOBAL_BATCH), 0, recipe.clip_grad)
+    for step in range(args.steps):
+        train_step(accelerator, model, optimizer, batch, build_schedules(recipe, GLOBAL_BATCH), step, recipe.clip_grad,
+                   args.accumulation)
+    student = full_state_dict(accelerator.unwrap_model(model).student)
     if accelerator.is_main_process:
-        student = accelerator.unwrap_model(model).student
-        save_file({name: parameter.detach().contiguous() for name, parameter in student.named_parameters()}, out)
+        print(f"sharded: {is_sharded(model)}")
+        save_file({name: tensor.contiguous() for name, tensor in student.items()}, args.out)
     accelerator.wait_for_everyone()
 
 

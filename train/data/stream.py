@@ -17,13 +17,18 @@ from datasets.distributed import split_dataset_by_node
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 
 
+def read_manifest(corpus_dir: str | Path) -> dict:
+    """A prepared corpus's `manifest.json` (its sources, shard files and counts)."""
+    manifest_path = Path(corpus_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{corpus_dir}: no manifest.json; build the corpus with `braindino prepare-data`")
+    return json.loads(manifest_path.read_text())
+
+
 def source_streams(corpus_dir: str | Path) -> dict[str, IterableDataset]:
     """One streaming dataset per source of a prepared corpus (its shards in order)."""
     corpus_dir = Path(corpus_dir)
-    manifest_path = corpus_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{corpus_dir}: no manifest.json; build the corpus with `braindino prepare-data`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(corpus_dir)
     return {
         source: load_dataset("parquet", data_files=[str(corpus_dir / name) for name in counts["files"]],
                              split="train", streaming=True)

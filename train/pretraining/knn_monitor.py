@@ -33,7 +33,7 @@ class KnnMonitor:
         self.groups = np.array([row.get("subject", str(index)) for index, row in enumerate(rows)])
         self.k = k
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2's all-gathers write into parameters
     def __call__(self, backbone: BrainDinoModel) -> float:
         from sklearn.metrics import balanced_accuracy_score
         from sklearn.model_selection import GroupKFold, cross_val_predict

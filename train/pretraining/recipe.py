@@ -12,7 +12,7 @@ ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate"  # `accelerate lau
 
 
 def accelerate_config_path(name: str) -> Path:
-    """The shipped `accelerate` config file `name` (`1gpu`, `1node-ddp`)."""
+    """The shipped `accelerate` config file `name` (`1gpu`, `1node-ddp`, `1node-fsdp2`, `2nodes-fsdp2`)."""
     path = ACCELERATE_CONFIGS_DIR / f"{name}.yaml"
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
@@ -32,7 +32,9 @@ class PretrainConfig:
     init_format: str = "braindino"  # "braindino", "dinov3" or "dinov2"
     iterations: int = 1000
     iterations_per_epoch: int = 100  # schedules count "epochs" of this many iterations (streams have no end)
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process and micro-batch: the global batch is batch_size x processes x accumulation steps
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step (accumulation.py)
+    sharding: str = "ddp"  # or "fsdp2": every weight sharded over the processes (sharding.py)
     base_lr: float = 1e-3  # scaled by sqrt(global batch / 1024)
     min_lr: float = 1e-6
     warmup_epochs: float = 10
@@ -79,6 +81,12 @@ class PretrainConfig:
     knn_image_column: str = "image"
     knn_target: str = "contrast"
     knn_every: int = 100
+
+    def __post_init__(self):
+        if self.sharding not in ("ddp", "fsdp2"):
+            raise ValueError(f"sharding must be ddp or fsdp2, got {self.sharding!r}")
+        if self.gradient_accumulation_steps < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be at least 1")
 
     @classmethod
     def load(cls, path_or_recipe: str, **overrides) -> "PretrainConfig":

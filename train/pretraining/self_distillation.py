@@ -12,10 +12,12 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from braindino import BrainDinoConfig, BrainDinoForPreTraining
 from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, resize_patch_grid, sinkhorn_knopp
 from braindino.train.pretraining.recipe import PretrainConfig
+from braindino.train.pretraining.sharding import reshard
 
 HEAD_SIZES = ("head_hidden_size", "head_bottleneck_size", "head_num_layers", "num_prototypes")
 
@@ -106,9 +108,11 @@ class SelfDistillation(nn.Module):
                 gram = resize_patch_grid(gram, math.isqrt(masks.shape[1]))
         return {"cls": cls_targets, "patches": patch_targets, "gram": gram, "cls_tokens": output.cls_tokens}
 
-    def forward(self, batch: dict, teacher_temperature: float) -> dict[str, torch.Tensor]:
-        """Each term's value and the weighted `loss`."""
-        targets = self.teacher_targets(batch, teacher_temperature)
+    def forward(self, batch: dict, teacher_temperature: float, targets: dict | None = None) -> dict[str, torch.Tensor]:
+        """Each term's value and the weighted `loss`. `targets`: this batch's teacher targets where the caller computed
+        them over a larger batch (gradient accumulation: `split_micro_batches`)."""
+        if targets is None:
+            targets = self.teacher_targets(batch, teacher_temperature)
         global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
         global_output = self.student(global_crops, bool_masked_pos=masks, patch_positions=masks)
         student_cls = global_output.cls_logits
@@ -130,13 +134,12 @@ class SelfDistillation(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, targets: dict, student_output) -> dict[str, torch.Tensor]:
-        """What shows a collapsed or uniform state while it happens (logged every step, this rank's batch):
-        the teacher targets' mean entropy (CLS and masked patches) against log K, how many prototypes are the
-        argmax of some teacher CLS target, the spread of the teacher's and the student's CLS tokens across the batch
-        (relative to their norm: Sinkhorn-Knopp turns a teacher spread near 0 into uniform targets, however far the
-        student has moved), the spread of the student's DINO scores across prototypes (near 0: its head has turned
-        orthogonal to every prototype, the way it matches uniform targets), the mean |LayerScale| gain, and the
-        condition number of the student's L2-normalised DINO prototype matrix."""
+        """What shows a collapsed or uniform state while it happens (every step, this rank's batch, on the device with
+        no host sync): the teacher targets' mean entropy (CLS and masked patches) against log K, how many prototypes
+        are the argmax of some teacher CLS target, the spread of the teacher's and the student's CLS tokens across the
+        batch (relative to their norm: Sinkhorn-Knopp turns a teacher spread near 0 into uniform targets, however far
+        the student has moved), and the spread of the student's DINO scores across prototypes (near 0: its head has
+        turned orthogonal to every prototype, the way it matches uniform targets). In float32 whatever the autocast."""
         def entropy(probabilities: torch.Tensor) -> torch.Tensor:
             if not len(probabilities):
                 return probabilities.new_tensor(float("nan"))
@@ -146,33 +149,58 @@ class SelfDistillation(nn.Module):
             tokens = tokens.detach().float()
             return (tokens - tokens.mean(dim=0)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean().clamp(min=1e-12)
 
-        prototypes = torch.nn.functional.normalize(self.student.dino_head.prototypes.detach().float(), dim=-1)
-        eigenvalues = torch.linalg.eigvalsh(prototypes.T @ prototypes)  # [bottleneck], ascending
-        gains = [parameter.detach().abs().mean() for name, parameter in self.student.named_parameters()
-                 if ".layer_scale1." in name or ".layer_scale2." in name]  # ours (gamma) and transformers' (lambda1)
-        num_prototypes = targets["cls"].shape[-1]
-        return {
-            "log_num_prototypes": targets["cls"].new_tensor(math.log(num_prototypes)),
-            "teacher_cls_entropy": entropy(targets["cls"].float()),
-            "teacher_patch_entropy": entropy(targets["patches"].float()),
-            "prototypes_used": targets["cls"].argmax(dim=-1).unique().numel() * targets["cls"].new_ones(()),
-            "teacher_cls_spread": spread(targets["cls_tokens"]),
-            "student_cls_spread": spread(student_output.cls_tokens),
-            "student_score_std": student_output.cls_logits.detach().float().std(dim=-1).mean(),
-            "layerscale_mean_abs": torch.stack(gains).mean() if gains else targets["cls"].new_tensor(float("nan")),
-            "prototype_condition_number": (eigenvalues[-1] / eigenvalues[0].clamp(min=1e-12)).sqrt(),
-        }
+        cls_targets = targets["cls"].float()
+        num_prototypes = cls_targets.shape[-1]
+        with _full_precision(cls_targets):
+            used = cls_targets.new_zeros(num_prototypes).index_fill_(0, cls_targets.argmax(dim=-1), 1.0).sum()
+            return {
+                "log_num_prototypes": cls_targets.new_tensor(math.log(num_prototypes)),
+                "teacher_cls_entropy": entropy(cls_targets),
+                "teacher_patch_entropy": entropy(targets["patches"].float()),
+                "prototypes_used": used,  # not unique().numel(), which waits for the device
+                "teacher_cls_spread": spread(targets["cls_tokens"]),
+                "student_cls_spread": spread(student_output.cls_tokens),
+                "student_score_std": student_output.cls_logits.detach().float().std(dim=-1).mean(),
+            }
+
+    @torch.no_grad()
+    def parameter_diagnostics(self) -> dict[str, torch.Tensor]:
+        """What the student's parameters say, read when a step is logged (they change slowly, and the eigenvalues
+        wait for the device): the mean |LayerScale| gain, and the condition number of the L2-normalised DINO
+        prototype matrix. In float32 whatever the autocast: CUDA autocast runs `P.T @ P` in bf16, and `eigvalsh` has
+        no bf16 kernel (CPU autocast hides it by casting eigvalsh's input back). Sharded parameters are gathered, so
+        every rank calls this."""
+        reshard(self)
+        prototypes = full_tensor(self.student.dino_head.prototypes).detach()
+        with _full_precision(prototypes):
+            prototypes = torch.nn.functional.normalize(prototypes.float(), dim=-1)
+            eigenvalues = torch.linalg.eigvalsh(prototypes.T @ prototypes)  # [bottleneck], ascending
+            gains = [full_tensor(parameter).detach().float().abs().mean() for name, parameter in self.student.named_parameters()
+                     if ".layer_scale1." in name or ".layer_scale2." in name]  # ours (gamma) and transformers' (lambda1)
+            return {
+                "layerscale_mean_abs": torch.stack(gains).mean() if gains else prototypes.new_tensor(float("nan")),
+                "prototype_condition_number": (eigenvalues[-1] / eigenvalues[0].clamp(min=1e-12)).sqrt(),
+            }
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, one fused pass over all tensors."""
+        """teacher <- momentum * teacher + (1 - momentum) * student, one fused pass over all tensors (shard by shard
+        under FSDP2)."""
+        reshard(self)
         torch._foreach_lerp_(list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()],
                              1 - momentum)
 
     @torch.no_grad()
     def refresh_gram_teacher(self) -> None:
-        """Stage 2: the Gram teacher becomes a copy of the current EMA teacher."""
+        """Stage 2: the Gram teacher becomes a copy of the current EMA teacher (shard by shard under FSDP2)."""
+        reshard(self)
         self.gram_teacher.load_state_dict(self.teacher.state_dict())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter sharded by FSDP2 (a DTensor: a collective, so every rank calls it); a plain
+    tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _full_precision(reference: torch.Tensor):
