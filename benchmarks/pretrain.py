@@ -12,6 +12,13 @@ from the same initial weights and batch show how far bf16 moves them from fp32.
 
     python benchmarks/pretrain.py                       # tiny and small, the tiny recipe's crops (112 / 48 px), batch 16
     python benchmarks/pretrain.py --presets small --global-size 224 --local-size 96 --local-crops 8 --batch 8
+
+`--sharding`: the loop's step under DDP and under FSDP2 side by side, each in its own `accelerate launch` of
+`--processes` processes (CPU processes over gloo here; one per GPU on a GPU machine), per-process batch `--batch`:
+images/s over all processes, MFU where there is a GPU (the FLOP model of `data_rate.py` against `--peak-tflops`),
+peak GPU memory per process.
+
+    python benchmarks/pretrain.py --sharding --presets tiny --processes 2
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -111,6 +119,82 @@ def throughput_worker(preset: str, precision: str, batch: int, crops: MultiCropC
                       "first_losses": first_losses}))
 
 
+def sharded_worker(preset: str, sharding: str, precision: str, batch: int, crops: MultiCropConfig, repeats: int) -> None:
+    """Child of `accelerate launch`: the loop's `distribute` and `train_step` under `sharding` on this process's
+    device; rank 0 prints images/s over all processes and its peak GPU memory (JSON)."""
+    from accelerate import Accelerator
+
+    from braindino.train.pretraining.loop import distribute
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    recipe = PretrainConfig(preset=preset, iterations=repeats + 2, sharding=sharding, mixed_precision=precision)
+    torch.manual_seed(0)
+    model, optimizer = distribute(accelerator, SelfDistillation(BrainDinoForPreTraining(BrainDinoConfig.from_preset(preset)),
+                                                                recipe), recipe)
+    schedules = build_schedules(recipe, batch * accelerator.num_processes)
+    device = accelerator.device
+    batch_views = {
+        "global_crops": torch.randn(2 * batch, 3, crops.global_crop_size, crops.global_crop_size, device=device),
+        "local_crops": torch.randn(crops.local_crops_number * batch, 3, crops.local_crop_size, crops.local_crop_size,
+                                   device=device),
+        "masks": MultiCropCollator(crops).masks(2 * batch, seed=0).to(device),
+    }
+    times = []
+    for iteration in range(repeats + 2):
+        started = time.perf_counter()
+        losses, _ = train_step(accelerator, model, optimizer, batch_views, schedules, iteration, recipe.clip_grad)
+        float(losses["loss"])  # the step has finished on the device
+        times.append(time.perf_counter() - started)
+    samples_per_s = batch * accelerator.num_processes / statistics.median(times[2:])
+    if accelerator.is_main_process:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        print(json.dumps({"samples_per_s": samples_per_s, "peak_gib_per_process": peak}))
+    accelerator.wait_for_everyone()
+
+
+def sharded_table(args, crops: MultiCropConfig, shape: list[str]) -> None:
+    from data_rate import sample_flops
+
+    print(f"pretraining step under DDP and FSDP2, {args.processes} process(es) "
+          f"({'GPUs' if torch.cuda.is_available() else 'CPU processes over gloo'}), batch {args.batch} per process: "
+          f"2 x {args.global_size} px + {args.local_crops} x {args.local_size} px crops, median of {args.repeats}")
+    print()
+    print("| backbone | precision | DDP (samples/s) | FSDP2 (samples/s) | FSDP2 / DDP | MFU DDP / FSDP2 | "
+          "peak GiB per process DDP / FSDP2 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    results = {}
+    for preset in args.presets:
+        for precision in args.precisions:
+            measured = {sharding: _launched_json(args.processes, "--worker", "sharded", "--sharding-mode", sharding,
+                                                 "--presets", preset, "--precisions", precision,
+                                                 "--repeats", str(args.repeats), *shape)
+                        for sharding in ("ddp", "fsdp2")}
+            flops = sample_flops(BrainDinoConfig.from_preset(preset), MultiCropConfig(
+                global_crop_size=args.global_size, local_crop_size=args.local_size, local_crops_number=args.local_crops))
+            mfu = {name: values["samples_per_s"] * flops / (args.peak_tflops * 1e12 * args.processes)
+                   for name, values in measured.items()}
+            results[f"{preset}-{precision}"] = {**measured, "mfu": mfu if torch.cuda.is_available() else None}
+            memory = " / ".join("-" if values["peak_gib_per_process"] is None else f"{values['peak_gib_per_process']:.1f}"
+                                for values in measured.values())
+            print(f"| ViT-{preset} | {'fp32' if precision == 'no' else precision} | "
+                  f"{measured['ddp']['samples_per_s']:.1f} | {measured['fsdp2']['samples_per_s']:.1f} | "
+                  f"**{measured['fsdp2']['samples_per_s'] / measured['ddp']['samples_per_s']:.3f}** | "
+                  + (f"{mfu['ddp']:.1%} / {mfu['fsdp2']:.1%}" if torch.cuda.is_available() else "-") + f" | {memory} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _launched_json(processes: int, *arguments: str) -> dict:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        command.append("--multi_gpu")
+    result = subprocess.run([*command, __file__, *arguments], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _child_json(*arguments: str) -> dict:
     result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -125,7 +209,12 @@ def main() -> None:
     parser.add_argument("--local-size", type=int, default=48)
     parser.add_argument("--local-crops", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--worker", choices=["ours", "theirs", "throughput"], help=argparse.SUPPRESS)
+    parser.add_argument("--sharding", action="store_true", help="DDP against FSDP2 (see above)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--json", help="with --sharding: also write the figures to this file")
+    parser.add_argument("--worker", choices=["ours", "theirs", "throughput", "sharded"], help=argparse.SUPPRESS)
+    parser.add_argument("--sharding-mode", choices=["ddp", "fsdp2"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     crops = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size, local_crops_number=args.local_crops)
     shape = ["--batch", str(args.batch), "--global-size", str(args.global_size), "--local-size", str(args.local_size),
@@ -133,6 +222,12 @@ def main() -> None:
 
     if args.worker == "throughput":
         throughput_worker(args.presets[0], args.precisions[0], args.batch, crops, args.repeats)
+        return
+    if args.worker == "sharded":
+        sharded_worker(args.presets[0], args.sharding_mode, args.precisions[0], args.batch, crops, args.repeats)
+        return
+    if args.sharding:
+        sharded_table(args, crops, shape)
         return
     if args.worker:
         step, _ = make_step(args.worker, args.presets[0], args.batch, crops)

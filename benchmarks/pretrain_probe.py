@@ -120,6 +120,8 @@ def summary_rows(results: dict) -> list[str]:
             ours, theirs = values[TEACHER], values[RANDOM]
             gap, spread = gap_and_spread((ours.mean(), ours.std()), (theirs.mean(), theirs.std()), HIGHER_IS_BETTER(metric))
             verdict = "yes" if gap > 2 * spread else ("ahead, within 2 std" if gap > 0 else "no")
+            if len(ours) < 2:  # no spread to compare against: one seed is not a result
+                verdict = "ahead (one seed)" if gap > 0 else "behind (one seed)"
             cells = "".join(f" {values[name].mean():.3f} ± {values[name].std():.3f} |" for name in names)
             lines.append(f"| {size} | {fraction:g} | {metric} |{cells} {verdict} |")
     return lines
@@ -131,7 +133,8 @@ def run_diagnostics(output_dir: Path) -> dict:
     records = read_metrics(output_dir)[-10:]
     keys = ("dino", "teacher_cls_entropy", "log_num_prototypes", "layerscale_mean_abs", "teacher_cls_spread",
             "student_cls_spread")
-    return {key: float(np.mean([record[key] for record in records])) for key in keys}
+    # layerscale_mean_abs is read on logged iterations only (every log_every): the mean of those among the last 10
+    return {key: float(np.mean([record[key] for record in records if record.get(key) is not None])) for key in keys}
 
 
 FIRST_PROBE_SUBJECT = 24

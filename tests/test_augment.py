@@ -13,6 +13,7 @@ from braindino.train.data.multicrop import (
     augment_intensity,
     block_mask,
     crop,
+    decode_slices,
     foreground_boxes,
     gaussian_blur,
     sample_crop_boxes,
@@ -146,3 +147,40 @@ def test_collator_without_local_crops(local_crops_number):
     config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=local_crops_number)
     batch = MultiCropCollator(config)(_rows(_brain_like(2, 48)))
     assert batch["local_crops"].shape == (2 * local_crops_number, 3, 16, 16)
+
+
+def _crops_on(device: str, rows: list[dict], config: MultiCropConfig, seed: int) -> dict:
+    slices = decode_slices(rows).to(device).float()
+    return MultiCropCollator(config).crops(slices, torch.Generator(device=device).manual_seed(seed), mask_seed=seed)
+
+
+def test_crops_built_from_a_generator_equal_a_loader_worker_crops_bit_for_bit():
+    """The training loop builds a step's crops on its device from a generator seeded by (seed, rank, iteration); a
+    loader worker builds them from rows with the default generator. With device=cpu and the same seed both give the
+    same bytes for every view, and every random draw comes from the generator: the default generator, seeded
+    differently, changes nothing (a draw that forgot the generator would)."""
+    config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=3, gram_teacher_crop_size=48)
+    rows = _rows(_brain_like(4, 64))
+    torch.manual_seed(11)
+    from_rows = MultiCropCollator(config)(rows)
+    torch.manual_seed(12345)
+    generated = MultiCropCollator(config).crops(decode_slices(rows).float(), torch.Generator().manual_seed(11))
+    assert set(from_rows) == set(generated)
+    for key in ("global_crops", "local_crops", "gram_crops", "masks"):
+        assert torch.equal(from_rows[key], generated[key]), key
+    other = _crops_on("cpu", rows, config, seed=12)
+    assert not torch.equal(other["global_crops"], generated["global_crops"])  # the seed does decide them
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu.sh runs it there)")
+def test_crop_pieces_on_the_gpu_equal_the_cpu_ones():
+    """On CUDA the generator draws other numbers than on the CPU, so a step's crops differ; the pieces that make them
+    (foreground boxes, crops of given boxes, blur) give the CPU's values to float tolerance."""
+    slices = torch.from_numpy(_brain_like(4, 64))
+    torch.manual_seed(0)
+    theta = sample_crop_boxes(foreground_boxes(slices), count=3, scale=(0.1, 1.0), flip_probability=0.5)
+    sigma = torch.rand(12) + 0.3
+    on_cpu = (foreground_boxes(slices), gaussian_blur(crop(slices, theta, 32), sigma, 5))
+    on_gpu = (foreground_boxes(slices.cuda()), gaussian_blur(crop(slices.cuda(), theta.cuda(), 32), sigma.cuda(), 5))
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)

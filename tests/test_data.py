@@ -20,7 +20,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Two sources, 5 shards: `alpha` (3 subjects) and `beta` (1 subject), 64 px slices."""
+    """Two sources, 6 shard files: `alpha` (3 subjects) and `beta` (1 subject), 64 px slices."""
     root = tmp_path_factory.mktemp("data")
     write_synthetic_corpus(root / "alpha", subjects=3, seed=1)
     write_synthetic_corpus(root / "beta", subjects=1, seed=2)
@@ -38,13 +38,28 @@ def test_each_epoch_streams_every_slice_once(corpus):
     assert len(ids) == len(set(ids)) == manifest["slices"]
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ranks_split_the_corpus_without_loss_or_duplicates(corpus, world_size):
     corpus_dir, manifest = corpus
     per_rank = [_ids(slice_stream(corpus_dir, rank=rank, world_size=world_size, seed=3)) for rank in range(world_size)]
     everything = [slice_id for ids in per_rank for slice_id in ids]
     assert len(everything) == len(set(everything)) == manifest["slices"]
     assert all(ids for ids in per_rank)
+
+
+def test_ranks_read_whole_shard_files_and_a_corpus_too_small_for_them_is_refused(corpus):
+    """4 ranks over the corpus's 6 shard files (not a multiple): each reads only its own files (none reads every row
+    to keep a quarter of them), the shares differ by at most one file; more ranks than files is one clear error."""
+    from braindino.train.data.stream import rank_files, read_manifest
+
+    corpus_dir, _ = corpus
+    manifest = read_manifest(corpus_dir)
+    shares = [[name for names in rank_files(manifest, rank, 4).values() for name in names] for rank in range(4)]
+    every_file = sorted(name for counts in manifest["sources"].values() for name in counts["files"])
+    assert len(every_file) == 6 and sorted(sum(shares, [])) == every_file
+    assert sorted(len(share) for share in shares) == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="6 shard files for 7 processes: every process needs one"):
+        rank_files(manifest, 0, 7)
 
 
 def test_two_process_accelerate_launch_loses_and_doubles_nothing(corpus, tmp_path):

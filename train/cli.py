@@ -11,6 +11,7 @@ from braindino import BrainDinoInputError
 from braindino.model_sources import check_model_source
 from braindino.pipelines import HEAD_TASKS, TASKS
 from braindino.train.heads.config import LabelsFileError
+from braindino.train.pretraining.recipe import SHIPPED_LAUNCHER_CONFIGS
 from braindino.train.quickstart import QUICKSTART_RECIPE
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
@@ -374,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(run=_push_to_hub)
 
     accelerate_config = commands.add_parser(
-        "accelerate-config", help="print the path of a shipped `accelerate launch --config_file` file (1gpu, 1node-ddp)")
-    accelerate_config.add_argument("name", choices=["1gpu", "1node-ddp"])
+        "accelerate-config", help="print the path of a shipped `accelerate launch --config_file` file")
+    accelerate_config.add_argument("name", choices=SHIPPED_LAUNCHER_CONFIGS)
     accelerate_config.set_defaults(run=_accelerate_config)
 
     pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretraining)")

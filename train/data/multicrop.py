@@ -4,7 +4,10 @@ DINOv3's defaults (2 global crops of 224 px at scale 0.32–1, 8 local crops of 
 masks on half of the global crops with a ratio in [0.1, 0.5]). Colour jitter and greyscale make no sense
 for MRI; instead gamma, contrast, brightness, a bias field, Gaussian noise and blur, all applied to the
 foreground only (the background stays 0, as the processor leaves it). Everything runs batched: one
-`grid_sample` per crop size for the whole batch, per-crop random parameters as tensors.
+`grid_sample` per crop size for the whole batch, per-crop random parameters as tensors, all drawn from one generator
+on the slices' device and none read back to the host, so the crops of a training step are built on the accelerator
+(`MultiCropCollator.crops`) without waiting on it; only the iBOT block masks are drawn on the host, from their own
+seed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from braindino.train.data.slice_corpus import decode_pixels
+
+
+def decode_slices(rows: list[dict]) -> torch.Tensor:
+    """Corpus rows as one `(B, H, W)` float16 tensor, the slices' stored precision (half the bytes of float32 to
+    copy to an accelerator, which converts them)."""
+    return torch.from_numpy(np.stack([np.frombuffer(row["pixels"], dtype=np.float16).reshape(row["height"], row["width"])
+                                      for row in rows]))
 
 
 @dataclass
@@ -48,8 +57,14 @@ class MultiCropConfig:
     gram_teacher_crop_size: int | None = None
 
 
+def _draw(shape, generator: torch.Generator | None, device, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Uniform numbers in [low, high) from `generator` (None: the default generator) on `device`."""
+    return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
+
+
 def sample_crop_boxes(
-    foreground_boxes: torch.Tensor, count: int, scale: tuple[float, float], flip_probability: float
+    foreground_boxes: torch.Tensor, count: int, scale: tuple[float, float], flip_probability: float,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random resized crops as affine matrices for `F.affine_grid`, `(len(boxes) * count, 2, 3)`, crop-major.
 
@@ -58,17 +73,17 @@ def sample_crop_boxes(
     Coordinates are normalised to [-1, 1] as `affine_grid` expects.
     """
     boxes = foreground_boxes.repeat(count, 1)  # [count * B, 4] as (y0, x0, y1, x1) in [-1, 1]
-    total = boxes.shape[0]
-    area = torch.empty(total).uniform_(*scale)
-    log_ratio = torch.empty(total).uniform_(math.log(3 / 4), math.log(4 / 3))
+    total, device = boxes.shape[0], boxes.device
+    area = _draw(total, generator, device, *scale)
+    log_ratio = _draw(total, generator, device, math.log(3 / 4), math.log(4 / 3))
     half_width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # half extents in normalised units (side 2)
     half_height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    centre_y = boxes[:, 0] + torch.rand(total) * (boxes[:, 2] - boxes[:, 0])
-    centre_x = boxes[:, 1] + torch.rand(total) * (boxes[:, 3] - boxes[:, 1])
+    centre_y = boxes[:, 0] + _draw(total, generator, device) * (boxes[:, 2] - boxes[:, 0])
+    centre_x = boxes[:, 1] + _draw(total, generator, device) * (boxes[:, 3] - boxes[:, 1])
     centre_y = centre_y.clamp(-1 + half_height, 1 - half_height)  # keep the crop inside the slice
     centre_x = centre_x.clamp(-1 + half_width, 1 - half_width)
-    flip = torch.where(torch.rand(total) < flip_probability, -1.0, 1.0)
-    theta = torch.zeros(total, 2, 3)
+    flip = torch.where(_draw(total, generator, device) < flip_probability, -1.0, 1.0)
+    theta = torch.zeros(total, 2, 3, device=device)
     theta[:, 0, 0] = half_width * flip
     theta[:, 0, 2] = centre_x
     theta[:, 1, 1] = half_height
@@ -81,17 +96,16 @@ def foreground_boxes(slices: torch.Tensor) -> torch.Tensor:
     foreground = slices != 0
     height, width = slices.shape[-2:]
     rows, cols = foreground.any(dim=2), foreground.any(dim=1)  # [B, H], [B, W]
-    ys = torch.linspace(-1, 1, height)
-    xs = torch.linspace(-1, 1, width)
-    big = torch.tensor(2.0)
+    ys = torch.linspace(-1, 1, height, device=slices.device)
+    xs = torch.linspace(-1, 1, width, device=slices.device)
+    big = torch.tensor(2.0, device=slices.device)
     y0 = torch.where(rows, ys, big).min(dim=1).values
     y1 = torch.where(rows, ys, -big).max(dim=1).values
     x0 = torch.where(cols, xs, big).min(dim=1).values
     x1 = torch.where(cols, xs, -big).max(dim=1).values
-    empty = ~rows.any(dim=1)  # an all-background slice: the whole slice is its box
-    boxes = torch.stack([y0, x0, y1, x1], dim=1)
-    boxes[empty] = torch.tensor([-1.0, -1.0, 1.0, 1.0])
-    return boxes
+    empty = ~rows.any(dim=1, keepdim=True)  # an all-background slice: the whole slice is its box
+    whole = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=slices.device)
+    return torch.where(empty, whole, torch.stack([y0, x0, y1, x1], dim=1))
 
 
 def crop(slices: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,10 +116,11 @@ def crop(slices: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(sources, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each image `(N, 1, H, W)` with its own sigma `(N,)`: separable grouped convolutions."""
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Blur each image `(N, 1, H, W)` with its own sigma `(N,)`: separable grouped convolutions, truncated at
+    `radius` pixels (default 3 x the largest sigma, which reads it from the device; pass it to stay asynchronous)."""
+    radius = radius or max(1, int(math.ceil(3 * float(sigma.max()))))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernels = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))  # [N, k]
     kernels = kernels / kernels.sum(dim=1, keepdim=True)
     count = images.shape[0]
@@ -115,40 +130,49 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return batched.transpose(0, 1)
 
 
-def _uniform(count: int, bounds: tuple[float, float]) -> torch.Tensor:
-    return torch.empty(count).uniform_(*bounds).view(count, 1, 1, 1)
-
-
-def augment_intensity(crops: torch.Tensor, config: MultiCropConfig, blur_probability: float) -> torch.Tensor:
+def augment_intensity(crops: torch.Tensor, config: MultiCropConfig, blur_probability: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
     """MRI-safe intensity augmentation of `(N, 1, h, w)` crops, each with its own random parameters.
     Only foreground pixels change; the background stays exactly 0."""
-    count = crops.shape[0]
+    count, device = crops.shape[0], crops.device
     foreground = crops != 0
-    applies = lambda: (torch.rand(count) < config.augment_probability).view(count, 1, 1, 1)  # noqa: E731
+    one, zero = torch.ones(count, 1, 1, 1, device=device), torch.zeros(count, 1, 1, 1, device=device)
+
+    def applies() -> torch.Tensor:
+        return (_draw(count, generator, device) < config.augment_probability).view(count, 1, 1, 1)
+
+    def uniform(bounds: tuple[float, float]) -> torch.Tensor:
+        return _draw(count, generator, device, *bounds).view(count, 1, 1, 1)
 
     # Gamma on the crop's own [0, 1] range, mapped back to its original range.
     low = torch.where(foreground, crops, torch.full_like(crops, float("inf"))).amin(dim=(1, 2, 3), keepdim=True)
     high = torch.where(foreground, crops, torch.full_like(crops, float("-inf"))).amax(dim=(1, 2, 3), keepdim=True)
     low, high = low.nan_to_num(0.0, posinf=0.0, neginf=0.0), high.nan_to_num(0.0, posinf=0.0, neginf=0.0)
     span = (high - low).clamp(min=1e-6)
-    gamma = torch.where(applies(), _uniform(count, config.gamma_range), torch.ones(count, 1, 1, 1))
+    gamma = torch.where(applies(), uniform(config.gamma_range), one)
     augmented = ((crops - low) / span).clamp(0, 1) ** gamma * span + low
 
-    contrast = torch.where(applies(), _uniform(count, config.contrast_range), torch.ones(count, 1, 1, 1))
-    brightness = torch.where(applies(), _uniform(count, config.brightness_range), torch.zeros(count, 1, 1, 1))
+    contrast = torch.where(applies(), uniform(config.contrast_range), one)
+    brightness = torch.where(applies(), uniform(config.brightness_range), zero)
     augmented = augmented * contrast + brightness
 
-    field = F.interpolate(torch.randn(count, 1, 3, 3) * config.bias_field_strength, size=crops.shape[-2:],
-                          mode="bicubic", align_corners=True)
+    coarse = torch.randn(count, 1, 3, 3, device=device, generator=generator) * config.bias_field_strength
+    field = F.interpolate(coarse, size=crops.shape[-2:], mode="bicubic", align_corners=True)
     augmented = augmented * torch.where(applies(), field.exp(), torch.ones_like(field))
 
-    noise_std = torch.where(applies(), _uniform(count, config.noise_std_range), torch.zeros(count, 1, 1, 1))
-    augmented = augmented + noise_std * torch.randn_like(augmented)
+    noise_std = torch.where(applies(), uniform(config.noise_std_range), zero)
+    augmented = augmented + noise_std * torch.randn(augmented.shape, device=device, generator=generator)
 
-    blurred = torch.rand(count) < blur_probability
-    if blurred.any():
-        sigma = torch.empty(int(blurred.sum())).uniform_(*config.blur_sigma_range)
-        augmented[blurred] = gaussian_blur(augmented[blurred], sigma)
+    # every crop gets a sigma; on an accelerator every crop is blurred and the blur kept where drawn (choosing the
+    # crops first would read the draw back), on the CPU only the chosen crops are blurred (the same values, less work)
+    blurred = _draw(count, generator, device) < blur_probability
+    sigma = _draw(count, generator, device, *config.blur_sigma_range)
+    radius = max(1, math.ceil(3 * config.blur_sigma_range[1]))
+    if device.type == "cpu":
+        if blurred.any():
+            augmented[blurred] = gaussian_blur(augmented[blurred], sigma[blurred], radius)
+    else:
+        augmented = torch.where(blurred.view(count, 1, 1, 1), gaussian_blur(augmented, sigma, radius), augmented)
     return torch.where(foreground, augmented, torch.zeros_like(augmented))
 
 
@@ -193,12 +217,20 @@ class MultiCropCollator:
         self.config = config
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | int]:
+        """The batch of corpus rows, on the CPU from the default generator (a loader worker's collate function)."""
+        return self.crops(decode_slices(rows).float())
+
+    def crops(self, slices: torch.Tensor, generator: torch.Generator | None = None,
+              mask_seed: int | None = None) -> dict[str, torch.Tensor | int]:
+        """The batch of `(B, H, W)` float slices, built on their device with `generator` (one on that device; None:
+        the default generator). The iBOT masks come from `mask_seed` on the host (None: drawn from the generator,
+        which reads it back: pass one on an accelerator)."""
         config = self.config
-        slices = torch.stack([torch.from_numpy(decode_pixels(row)) for row in rows])  # [B, H, W]
         batch_size = slices.shape[0]
         boxes = foreground_boxes(slices)  # [B, 4]
 
-        global_theta = sample_crop_boxes(boxes, config.global_crops_number, config.global_crop_scale, config.flip_probability)
+        global_theta = sample_crop_boxes(boxes, config.global_crops_number, config.global_crop_scale,
+                                         config.flip_probability, generator)
         global_crops = crop(slices, global_theta, config.global_crop_size)  # [2 * B, 1, G, G]
         extra = {}
         if config.gram_teacher_crop_size:
@@ -206,28 +238,32 @@ class MultiCropCollator:
             extra["gram_crops"] = gram_crops.expand(-1, config.num_channels, -1, -1).contiguous()
         first, second = global_crops[:batch_size], global_crops[batch_size:]
         global_crops = torch.cat([
-            augment_intensity(first, config, config.blur_probability[0]),
-            augment_intensity(second, config, config.blur_probability[1]),
+            augment_intensity(first, config, config.blur_probability[0], generator),
+            augment_intensity(second, config, config.blur_probability[1], generator),
         ])
-        local_crops = torch.empty(0, 1, config.local_crop_size, config.local_crop_size)
+        local_crops = slices.new_empty(0, 1, config.local_crop_size, config.local_crop_size)
         if config.local_crops_number:
-            local_theta = sample_crop_boxes(boxes, config.local_crops_number, config.local_crop_scale, config.flip_probability)
-            local_crops = augment_intensity(crop(slices, local_theta, config.local_crop_size), config, config.blur_probability[2])
-
+            local_theta = sample_crop_boxes(boxes, config.local_crops_number, config.local_crop_scale,
+                                            config.flip_probability, generator)
+            local_crops = augment_intensity(crop(slices, local_theta, config.local_crop_size), config,
+                                            config.blur_probability[2], generator)
+        if mask_seed is None:
+            mask_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=slices.device))
         return {
             "global_crops": global_crops.expand(-1, config.num_channels, -1, -1).contiguous(),
             "local_crops": local_crops.expand(-1, config.num_channels, -1, -1).contiguous(),
-            "masks": self.masks(global_crops.shape[0]),
+            "masks": self.masks(global_crops.shape[0], mask_seed).to(slices.device, non_blocking=True),
             "batch_size": batch_size,
             **extra,
         }
 
-    def masks(self, num_crops: int) -> torch.Tensor:
+    def masks(self, num_crops: int, seed: int | None = None) -> torch.Tensor:
         """iBOT masks for `num_crops` global crops: `mask_probability` of them masked, their ratios spread
-        evenly over `mask_ratio_range` (as DINOv2's collate does), the rest left unmasked."""
+        evenly over `mask_ratio_range` (as DINOv2's collate does), the rest left unmasked. On the host, from `seed`
+        (None: drawn from the default torch generator)."""
         config = self.config
         grid = config.global_crop_size // config.patch_size
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else seed)
         num_masked_crops = int(num_crops * config.mask_probability)
         ratios = np.linspace(*config.mask_ratio_range, num=num_masked_crops + 1)[:-1] if num_masked_crops else []
         masks = np.zeros((num_crops, grid * grid), dtype=bool)

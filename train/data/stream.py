@@ -1,8 +1,10 @@
 """Streaming the slice corpus: per-rank sharding, a shuffle buffer, a weighted mixture of sources.
 
-Distributed rule (see ECOSYSTEM.md): the stream is split once, here, with `split_dataset_by_node`, and
-fed to a plain `DataLoader` that Accelerate does not prepare (preparing it would shard a second time and
-silently drop data). With the same seed every rank sees a disjoint part, and together all of an epoch.
+Distributed rule (see ECOSYSTEM.md): the stream is split once, here, and fed to a plain `DataLoader` that
+Accelerate does not prepare (preparing it would shard a second time and silently drop data). Each rank reads whole
+shard files, dealt round-robin over the corpus's files: a rank never reads a file it does not keep (as
+`split_dataset_by_node` does when the shard count does not divide by the world size: every rank reads all rows and
+keeps 1 / W), every slice is in exactly one rank's share, and the shares differ by at most one file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from pathlib import Path
 
 import torch
 from datasets import IterableDataset, interleave_datasets, load_dataset
-from datasets.distributed import split_dataset_by_node
 
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
 
@@ -25,16 +26,24 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     return json.loads(manifest_path.read_text())
 
 
-def source_streams(corpus_dir: str | Path) -> dict[str, IterableDataset]:
-    """One streaming dataset per source of a prepared corpus (its shards in order)."""
+def rank_files(manifest: dict, rank: int, world_size: int) -> dict[str, list[str]]:
+    """This rank's shard files by source: every `world_size`-th file of the corpus, from the `rank`-th."""
+    files = [(source, name) for source, counts in sorted(manifest["sources"].items()) for name in counts["files"]]
+    if len(files) < world_size:
+        raise ValueError(f"the corpus has {len(files)} shard files for {world_size} processes: every process needs "
+                         "one; prepare it with fewer volumes per shard (--volumes-per-shard) or use fewer processes")
+    mine: dict[str, list[str]] = {}
+    for source, name in files[rank::world_size]:
+        mine.setdefault(source, []).append(name)
+    return mine
+
+
+def source_streams(corpus_dir: str | Path, rank: int = 0, world_size: int = 1) -> dict[str, IterableDataset]:
+    """One streaming dataset per source of this rank's share of a prepared corpus (its shard files in order)."""
     corpus_dir = Path(corpus_dir)
-    manifest = read_manifest(corpus_dir)
-    return {
-        source: load_dataset("parquet", data_files=[str(corpus_dir / name) for name in counts["files"]],
-                             split="train", streaming=True)
-        for source, counts in sorted(manifest["sources"].items())
-        if counts["files"]
-    }
+    return {source: load_dataset("parquet", data_files=[str(corpus_dir / name) for name in names], split="train",
+                                 streaming=True)
+            for source, names in rank_files(read_manifest(corpus_dir), rank, world_size).items()}
 
 
 def slice_stream(
@@ -50,20 +59,23 @@ def slice_stream(
     Without `source_weights` every slice appears once per epoch across ranks. With weights, sources
     are sampled in those proportions and smaller ones repeat until the largest is exhausted.
     """
-    streams = source_streams(corpus_dir)
+    streams = source_streams(corpus_dir, rank, world_size)
     if len(streams) == 1:
         stream = next(iter(streams.values()))
     elif source_weights is None:
         stream = interleave_datasets(list(streams.values()), seed=seed, stopping_strategy="all_exhausted_without_replacement")
     else:
-        unknown = set(source_weights) - set(streams)
+        unknown = set(source_weights) - set(read_manifest(corpus_dir)["sources"])
         if unknown:
             raise ValueError(f"source_weights names unknown sources {sorted(unknown)}; the corpus has {sorted(streams)}")
+        absent = {source for source, weight in source_weights.items() if weight > 0} - set(streams)
+        if absent:
+            raise ValueError(f"rank {rank} of {world_size} holds no shard file of {sorted(absent)}, so it cannot "
+                             "sample them by weight; prepare those sources with fewer volumes per shard")
         total = sum(source_weights.get(source, 0.0) for source in streams)
         probabilities = [source_weights.get(source, 0.0) / total for source in streams]
         stream = interleave_datasets(list(streams.values()), probabilities=probabilities, seed=seed,
                                      stopping_strategy="all_exhausted")
-    stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
     return stream.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else stream
 
 
@@ -82,12 +94,14 @@ def multicrop_loader(
 
 
 class ResumableRowBatches:
-    """This rank's endless stream of raw row batches (epoch after epoch), with the position needed to resume
-    exactly: `(data_epoch, batches_in_epoch)`. Loader workers only read rows; augmentation happens elsewhere."""
+    """This rank's endless stream of row batches (epoch after epoch), with the position needed to resume exactly:
+    `(data_epoch, batches_in_epoch)`. Loader workers read rows and apply `collate` (default: the list of rows;
+    the loop's `decode_slices` gives float16 slices, pinned where there is a GPU); augmentation happens elsewhere."""
 
     def __init__(self, corpus_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, num_workers: int = 0, data_epoch: int = 0, skip_batches: int = 0):
-        self.corpus_dir, self.batch_size, self.num_workers = corpus_dir, batch_size, num_workers
+                 shuffle_buffer: int = 1000, num_workers: int = 0, data_epoch: int = 0, skip_batches: int = 0,
+                 collate=list):
+        self.corpus_dir, self.batch_size, self.num_workers, self.collate = corpus_dir, batch_size, num_workers, collate
         self.rank, self.seed = rank, seed
         self.data_epoch, self.batches_in_epoch = data_epoch, 0
         self.stream = slice_stream(corpus_dir, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
@@ -104,8 +118,9 @@ class ResumableRowBatches:
         # Its own generator: iter(DataLoader) would otherwise draw from the global RNG, which the model's
         # randomness (drop-path, RoPE augmentation) shares, and a resumed run would drift from the original.
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.data_epoch)) % (2**63))
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=list,
-                                             num_workers=self.num_workers, drop_last=True, generator=generator)
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collate,
+                                             num_workers=self.num_workers, drop_last=True, generator=generator,
+                                             pin_memory=torch.cuda.is_available() and self.collate is not list)
         self.iterator = iter(loader)
         self.batches_in_epoch = 0
 

@@ -2,9 +2,10 @@
 (`accelerate launch -m braindino.train.pretraining --config ...`).
 
 The loop reads: next batch → losses → backward → schedules and step → teacher update → log → checkpoint.
-Each rank streams its own share of the corpus (split once, not re-sharded by Accelerate); loader workers only
-read rows, and the multi-crop augmentation runs in the training process with a seed derived from
-(seed, rank, iteration), so a resumed run replays exactly the batches and losses of an uninterrupted one.
+Each rank streams its own share of the corpus (whole shard files, split once, not re-sharded by Accelerate); loader
+workers read rows and decode them to float16 slices (pinned for a GPU), and the multi-crop augmentation runs on the
+training device from a generator seeded by (seed, rank, iteration), so a resumed run replays exactly the batches and
+losses of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from braindino.precision import hardware_name, resolve_device, resolve_dtype
-from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
+from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig, decode_slices
 from braindino.train.data.stream import ResumableRowBatches, read_manifest
 from braindino.train.pretraining.accumulation import split_micro_batches
 from braindino.train.pretraining.checkpoints import load_latest_checkpoint, save_checkpoint
@@ -44,12 +45,14 @@ logger = logging.getLogger(__name__)
 UNIFORM_TARGETS = 0.999
 
 
-def make_batch(collator: MultiCropCollator, rows: list[dict], seed: int, rank: int, iteration: int, device) -> dict:
-    """Multi-crop views for one step; their randomness depends only on (seed, rank, iteration)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hash((seed, rank, iteration)) % (2**63))
-        batch = collator(rows)
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+def make_batch(collator: MultiCropCollator, slices: torch.Tensor, seed: int, rank: int, iteration: int,
+               device) -> dict:
+    """Multi-crop views for one step, built on `device` from the loader's float16 slices; their randomness depends only
+    on (seed, rank, iteration): a generator on the device, and the iBOT masks' own seed on the host."""
+    step_seed = hash((seed, rank, iteration)) % (2**63)
+    generator = torch.Generator(device=device).manual_seed(step_seed)
+    slices = slices.to(device, non_blocking=True).float()
+    return collator.crops(slices, generator, mask_seed=step_seed % (2**32))
 
 
 def build_optimizer(student, config: PretrainConfig) -> torch.optim.AdamW:
@@ -264,7 +267,8 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     start, position = load_latest_checkpoint(accelerator, config.output_dir, model, optimizer) if resume else (0, None)
     position = position or {"data_epoch": 0, "batches_in_epoch": 0}
     batches = ResumableRowBatches(config.corpus, rows_per_step, rank, world_size, config.seed, config.shuffle_buffer,
-                                  config.num_workers, position["data_epoch"], position["batches_in_epoch"])
+                                  config.num_workers, position["data_epoch"], position["batches_in_epoch"],
+                                  collate=decode_slices)
     collator = MultiCropCollator(multicrop_config(config, accelerator.unwrap_model(model).student.config))
     knn_monitor = _knn_monitor(config)
     progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="pretrain",
@@ -314,6 +318,7 @@ def distribute(accelerator, model: SelfDistillation, config: PretrainConfig):
             raise ValueError("--sharding fsdp2 trains in fp32 or bf16, not fp16 (it has no gradient scaler)")
         if accelerator.num_processes == 1:
             start_single_process_group()
+        model.to(accelerator.device)  # the centring buffers too, which no FSDP unit owns
         shard_networks([network for network in (model.student, model.teacher, model.gram_teacher) if network is not None])
         return model, build_optimizer(model.student, config)
     return accelerator.prepare(model, build_optimizer(model.student, config))

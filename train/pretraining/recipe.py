@@ -9,6 +9,7 @@ from pathlib import Path
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate"  # `accelerate launch --config_file` files we ship
+SHIPPED_LAUNCHER_CONFIGS = ("1gpu", "1node-ddp", "1node-fsdp2", "2nodes-fsdp2")
 
 
 def accelerate_config_path(name: str) -> Path:
