@@ -443,7 +443,8 @@ class BrainDinoModel(BrainDinoPreTrainedModel):
         cls_tokens, patch_means = [], []
         weight = self.embeddings.patch_embeddings.weight
         for start in range(0, pixel_values.shape[0], slice_batch_size):
-            batch = pixel_values[start : start + slice_batch_size].to(weight.device, weight.dtype, non_blocking=True)
+            # device first, then dtype: a conversion on the way would make the copy synchronous
+            batch = pixel_values[start : start + slice_batch_size].to(weight.device, non_blocking=True).to(weight.dtype)
             if batch.ndim == 3:
                 batch = batch.unsqueeze(1).expand(-1, self.config.num_channels, -1, -1)
             output = self(batch)

@@ -29,12 +29,18 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (or None): this process's CUDA device (`LOCAL_RANK` under a launcher) when there is one, else the CPU."""
+    """`auto` (or None): this process's CUDA device when there is one, else the CPU. `cuda` without an index is this
+    process's GPU too: under a launcher (`LOCAL_RANK`) every process would otherwise put its model on GPU 0."""
     if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(device)
+        return this_process_gpu() if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    return this_process_gpu() if device.type == "cuda" and device.index is None else device
+
+
+def this_process_gpu() -> torch.device:
+    """The GPU of this process: `LOCAL_RANK` (set by `accelerate launch` and `torchrun`), over the GPUs it sees."""
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    return torch.device("cuda", local_rank % count if count else local_rank)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "cpu") -> torch.dtype:

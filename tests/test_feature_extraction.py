@@ -3,8 +3,10 @@ recorded and never mixed, resuming from the volume files, and 2-process extracti
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +109,37 @@ def test_two_processes_under_accelerate_launch_encode_each_volume_once(volumes, 
     for source in volumes:
         torch.testing.assert_close(FeatureCache(tmp_path / "two", backbone).slice_embeddings([source]),
                                    single.slice_embeddings([source]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_slow_rank_loses_no_volume(volumes, tmp_path):
+    """Two processes extract 8 volumes, rank 1 starting 10 s late: a rank listing the missing volumes on its own would
+    see rank 0's files and take its share of a shorter list, so some volumes would be encoded by nobody and be
+    neither in the index nor in `failed`. The main process lists them for both: every volume is in the index, and
+    each rank reports the same index."""
+    copies = []
+    for number in range(8):
+        copies.append(tmp_path / "inputs" / f"subject{number}.nii.gz")
+        copies[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(volumes[number % len(volumes)], copies[-1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(Path(__file__).parent / "scripts" / "extract_with_a_slow_rank.py"), str(tmp_path / "cache"),
+               *map(str, copies)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: 8 volumes, 0 failed" in result.stdout and "rank 1: 8 volumes, 0 failed" in result.stdout
+    index = json.loads((tmp_path / "cache" / "features.json").read_text())
+    assert sorted(entry["source"] for entry in index["volumes"].values()) == sorted(map(str, copies))
+
+
+def test_cuda_without_an_index_is_this_process_gpu(monkeypatch):
+    """Under a launcher `--device cuda` is the process's own GPU (LOCAL_RANK), not GPU 0 for every rank."""
+    from braindino.precision import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    count = torch.cuda.device_count()
+    assert resolve_device("cuda") == torch.device("cuda", 1 % count if count else 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index stays
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda", 0)

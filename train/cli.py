@@ -241,8 +241,9 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser, loader_workers: bool
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="backbone precision (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
     if loader_workers:
-        parser.add_argument("--workers", type=int, default=0,
-                            help="DataLoader processes reading and preprocessing volumes (0: in the main process)")
+        parser.add_argument("--workers", type=int, default=None,
+                            help="DataLoader processes reading and preprocessing volumes (default: this process's share "
+                                 "of the cores less one, at most 8; 0: in the main process)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,9 @@ embedding = mean CLS, and the slice geometry), written atomically by a backgroun
 themselves, so an interrupted extraction resumes where it stopped and the index is rebuilt from them.
 
 Volumes are read and preprocessed in `DataLoader` workers (`volume_loader`), their slices packed into full
-batches on the backbone's device. Under `accelerate launch --num_processes N` each process encodes every N-th
-volume still missing, and the main process writes the one index for all of them at the end.
+batches on the backbone's device. Under `accelerate launch --num_processes N` the main process lists the volumes
+still missing, each process encodes every N-th of that one list, and the main process writes the one index for all
+of them at the end, after checking that no requested volume is lost.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -73,32 +74,48 @@ class FeatureCache:
         return self.path_for(source).exists()
 
     def extract(self, sources: list[str | Path], slice_batch_size: int = 32, progress: bool = True,
-                workers: int = 0) -> dict:
+                workers: int | None = 0) -> dict:
         """Encode the sources not cached yet (`workers` loader processes; split across processes under
-        `accelerate launch`); a bad file is listed in `failed`, never fatal. Returns the index."""
+        `accelerate launch`); a bad file is listed in `failed`, never fatal. Returns the index.
+
+        Under several processes the main process alone lists what is missing and sends every rank the same list
+        (a rank listing on its own would see files another rank already wrote, and their shares would shift past
+        volumes nobody encodes); at the end every requested volume must be in the index or in `failed`."""
         state = process_state(self.backbone)
         self.directory.mkdir(parents=True, exist_ok=True)
-        missing = [source for source in sources if source not in self]
+        missing = [str(source) for source in sources if source not in self] if state.is_main_process else None
+        if state.num_processes > 1:
+            missing = broadcast_object_list([missing])[0]
         failed = self._encode(missing[state.process_index :: state.num_processes], slice_batch_size, workers,
                               progress and state.is_main_process)
         if state.num_processes > 1:
             failed = gather_object(failed)
             state.wait_for_everyone()  # every process's files are written before the index is made from them
-        self.index["failed"] = failed
-        for source in sources:
-            key = str(Path(source).resolve())
-            if key not in self.index["volumes"] and source in self:
-                self.index["volumes"][key] = self._entry_from_file(source)
         if state.is_main_process:
+            self.index["failed"] = failed
+            for source in sources:
+                key = str(Path(source).resolve())
+                if key not in self.index["volumes"] and source in self:
+                    self.index["volumes"][key] = self._entry_from_file(source)
+            self._check_complete(sources)
             self._write_index()
-        state.wait_for_everyone()
+        if state.num_processes > 1:  # the main process read the files; the others take its index
+            self.index = broadcast_object_list([self.index if state.is_main_process else None])[0]
         return self.index
+
+    def _check_complete(self, sources: list[str | Path]) -> None:
+        """Every requested volume is encoded or failed; anything else lost a volume, which must not pass silently."""
+        failed = {str(failure["source"]) for failure in self.index["failed"]}
+        lost = [str(source) for source in sources
+                if str(Path(source).resolve()) not in self.index["volumes"] and str(source) not in failed]
+        if lost:
+            raise RuntimeError(f"{self.directory}: {len(lost)} volume(s) neither encoded nor failed: "
+                               f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; extract again to add them")
 
     def _encode(self, sources: list[str | Path], slice_batch_size: int, workers: int, progress: bool) -> list[dict]:
         """Encode `sources` into volume files (written by a background thread); return the failures."""
         transport = torch.float32 if self.backbone.dtype == torch.float32 else torch.float16
-        loader = volume_loader(sources, self.backbone.processor, workers=workers, transport_dtype=transport,
-                               pin_memory=self.backbone.device.type == "cuda")
+        loader = volume_loader(sources, self.backbone.processor, workers=workers, transport_dtype=transport)
         failed, writes = [], deque()
         with ThreadPoolExecutor(max_workers=1) as writer:
             encoded = encode_packed(loader, self.backbone.model, slice_batch_size)
@@ -161,7 +178,7 @@ def _bound_pending(writes: deque[Future], limit: int = 8) -> None:
 
 
 def extract_features(paths: list[str | Path], backbone: Backbone, out_dir: str | Path, slice_batch_size: int = 32,
-                     workers: int = 0) -> dict:
+                     workers: int | None = 0) -> dict:
     """Fill the feature cache in `out_dir` with `paths` and return its index, with `volumes` as a list."""
     index = FeatureCache(out_dir, backbone).extract(paths, slice_batch_size=slice_batch_size, workers=workers)
     wanted = {str(Path(path).resolve()) for path in paths}

@@ -56,7 +56,7 @@ class EvaluationConfig:
     output_dir: str = "outputs/evaluate"
     device: str = "cpu"  # where the backbones encode ("auto": braindino.precision)
     dtype: str = "float32"  # the backbones' precision; every backbone of one evaluation runs in the same one
-    loader_workers: int = 0
+    loader_workers: int | None = 0
 
 
 def backbone_name(spec: str) -> str:

@@ -50,7 +50,7 @@ class HeadTrainingConfig:
     slice_batch_size: int = 32
     device: str = "cpu"  # where the frozen backbone encodes ("auto": braindino.precision); heads on cached features train on the CPU
     dtype: str = "float32"  # the backbone's precision ("auto", float32, bfloat16, float16); recorded in the cache and results
-    loader_workers: int = 0  # DataLoader processes reading and preprocessing volumes for the feature cache
+    loader_workers: int | None = 0  # DataLoader processes reading volumes for the feature cache (None: default_workers)
     export: bool = True
     pipeline_code: bool = False  # the export also carries the pipeline code (for users without the package)
 
