@@ -10,12 +10,14 @@ from pathlib import Path
 from braindino import BrainDinoInputError
 from braindino.model_sources import check_model_source
 from braindino.pipelines import HEAD_TASKS, TASKS
+from braindino.train.data.slice_corpus import CorpusPartsError
 from braindino.train.heads.config import LabelsFileError
 from braindino.train.pretraining.recipe import SHIPPED_LAUNCHER_CONFIGS
 from braindino.train.quickstart import QUICKSTART_RECIPE
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError, LabelsFileError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError, LabelsFileError,
+               CorpusPartsError)
 
 
 def model_location(value: str) -> str:
@@ -70,10 +72,15 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
-    from braindino.train.data.slice_corpus import prepare_corpus
+    from braindino.train.data.slice_corpus import merge_corpus_parts, prepare_corpus
 
-    manifest = prepare_corpus(args.sources, args.out, size=args.size, volumes_per_shard=args.volumes_per_shard,
-                              workers=args.workers)
+    if args.merge:
+        manifest = merge_corpus_parts(args.out)
+    elif not args.sources:
+        raise SystemExit("braindino prepare-data: give source folders (or --merge to join the parts in --out)")
+    else:
+        manifest = prepare_corpus(args.sources, args.out, size=args.size, volumes_per_shard=args.volumes_per_shard,
+                                  workers=args.workers, part=args.part, total_parts=args.total_parts)
     for source, counts in manifest["sources"].items():
         print(f"  {source}: {counts['volumes']} volumes, {counts['slices']} slices, {len(counts['files'])} shards")
     for failure in manifest["failed"]:
@@ -287,11 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     prepare = commands.add_parser("prepare-data", help="NIfTI folders → Parquet shards of axial slices (resumable)")
-    prepare.add_argument("sources", nargs="+", help="folders of .nii/.nii.gz (BIDS, BraTS-style or flat)")
+    prepare.add_argument("sources", nargs="*", help="folders of .nii/.nii.gz (BIDS, BraTS-style or flat)")
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--size", type=int, default=224, help="slice canvas size in pixels")
     prepare.add_argument("--volumes-per-shard", type=int, default=8)
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument("--part", type=int, help="with --total-parts N: write the K-th share (0-based) of the shards, "
+                                                 "for N machines with the same sources and one output folder")
+    prepare.add_argument("--total-parts", type=int)
+    prepare.add_argument("--merge", action="store_true", help="write manifest.json of the parts in --out")
     prepare.set_defaults(run=_prepare_data)
 
     stream = commands.add_parser("stream", help="run the streaming multi-crop loader over a corpus and report")

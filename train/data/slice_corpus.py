@@ -169,30 +169,55 @@ def write_shard(shard_name: str, entries: list[VolumeEntry], out_dir: str, size:
     return record
 
 
+class CorpusPartsError(ValueError):
+    """A corpus prepared in parts whose plan or parts do not fit together."""
+
+
+def _shard_jobs(entries: list, volumes_per_shard: int, first_index: int) -> list[tuple[str, list]]:
+    """Shards of `volumes_per_shard` volumes per source, numbered from `first_index` in source order."""
+    jobs, index = [], first_index
+    for source in sorted({entry.source for entry in entries}):
+        source_entries = [entry for entry in entries if entry.source == source]
+        for start in range(0, len(source_entries), volumes_per_shard):
+            jobs.append((f"{source}-{index:05d}", source_entries[start : start + volumes_per_shard]))
+            index += 1
+    return jobs
+
+
 def prepare_corpus(
     sources: list[str | Path], out_dir: str | Path, size: int = 224, volumes_per_shard: int = 8, workers: int = 1,
-    progress: bool = True,
+    progress: bool = True, part: int | None = None, total_parts: int | None = None,
 ) -> dict:
-    """Build (or resume) the slice corpus; return the manifest, also written to `manifest.json`."""
+    """Build (or resume) the slice corpus; return the manifest, also written to `manifest.json`.
+
+    With `part` K of `total_parts` N (machines sharing the work, each with the same sources and settings): the shards
+    are planned over all volumes, as one machine would number them, and this call writes every N-th from the K-th and
+    `manifest-part-K-of-N.json`; `merge_corpus_parts` then writes the `manifest.json` of the whole corpus, which
+    equals the one machine's slice for slice."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("data/*.tmp")) + list(out_dir.glob("shards/*.tmp")):
-        stale.unlink()
     records = [json.loads(path.read_text()) for path in sorted((out_dir / "shards").glob("*.json"))]
     check_source_folders(sources, records, out_dir)
-    done = {volume["path"] for record in records for volume in record["volumes"]}
-    done |= {failure["path"] for record in records for failure in record["failed"]}
-    todo = [entry for entry in scan_sources(sources) if entry.path not in done]
-
-    next_index = 1 + max((int(record["shard"].split("-")[-1]) for record in records), default=-1)
-    jobs = []
-    for source in sorted({entry.source for entry in todo}):
-        source_entries = [entry for entry in todo if entry.source == source]
-        for start in range(0, len(source_entries), volumes_per_shard):
-            jobs.append((f"{source}-{next_index:05d}", source_entries[start : start + volumes_per_shard]))
-            next_index += 1
+    if total_parts is not None:
+        if not 0 <= (part if part is not None else -1) < total_parts:
+            raise CorpusPartsError(f"part must be 0 to {total_parts - 1} for {total_parts} parts, got {part}")
+        written = {record["shard"]: record for record in records}
+        planned = _shard_jobs(scan_sources(sources), volumes_per_shard, 0)[part::total_parts]
+        records = [written[name] for name, _ in planned if name in written]
+        jobs = [(name, entries) for name, entries in planned if name not in written]
+    else:
+        done = {volume["path"] for record in records for volume in record["volumes"]}
+        done |= {failure["path"] for record in records for failure in record["failed"]}
+        todo = [entry for entry in scan_sources(sources) if entry.path not in done]
+        next_index = 1 + max((int(record["shard"].split("-")[-1]) for record in records), default=-1)
+        jobs = _shard_jobs(todo, volumes_per_shard, next_index)
+    # a killed run's half-written files; with parts, only this part's (the others may be writing theirs now)
+    mine = {name for name, _ in jobs}
+    for stale in list(out_dir.glob("data/*.tmp")) + list(out_dir.glob("shards/*.tmp")):
+        if total_parts is None or stale.name.removesuffix(".tmp").rsplit(".", 1)[0] in mine:
+            stale.unlink()
 
     bar = tqdm(total=sum(len(entries) for _, entries in jobs), unit="volume", desc="prepare-data", disable=not progress)
     if workers > 1 and len(jobs) > 1:
@@ -208,7 +233,31 @@ def prepare_corpus(
             bar.update(len(entries))
     bar.close()
     synthetic = sorted(Path(source).resolve().name for source in sources if declares_synthetic(source))
+    if total_parts is not None:
+        return write_manifest(out_dir, records, size, synthetic, f"manifest-part-{part}-of-{total_parts}.json")
     return write_manifest(out_dir, records, size, synthetic)
+
+
+def merge_corpus_parts(out_dir: str | Path) -> dict:
+    """The `manifest.json` of a corpus prepared in parts (`prepare_corpus(..., part=K, total_parts=N)`), once every
+    part is in `out_dir` (one shared folder, or the parts' `data/` and `shards/` copied into one)."""
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob("manifest-part-*-of-*.json"))
+    if not parts:
+        raise FileNotFoundError(f"{out_dir}: no manifest-part-K-of-N.json; prepare the parts first (--part, --total-parts)")
+    totals = {int(path.stem.rsplit("-", 1)[1]) for path in parts}
+    if len(totals) > 1:
+        raise CorpusPartsError(f"{out_dir}: parts of different plans ({sorted(totals)} parts); keep the parts of one plan")
+    total = totals.pop()
+    present = {int(path.stem.split("-")[2]) for path in parts}
+    absent = sorted(set(range(total)) - present)
+    if absent:
+        raise CorpusPartsError(f"{out_dir}: parts {absent} of {total} are not here yet; run them (or copy them in) first")
+    manifests = [json.loads(path.read_text()) for path in parts]
+    shard_names = {name for manifest in manifests for counts in manifest["sources"].values() for name in counts["shards"]}
+    records = [json.loads((out_dir / "shards" / f"{name}.json").read_text()) for name in sorted(shard_names)]
+    synthetic = sorted({source for manifest in manifests for source in manifest["synthetic_sources"]})
+    return write_manifest(out_dir, records, manifests[0]["slice_size"], synthetic)
 
 
 def check_source_folders(sources: list[str | Path], records: list[dict], out_dir: Path) -> None:
@@ -238,13 +287,15 @@ def check_source_folders(sources: list[str | Path], records: list[dict], out_dir
             )
 
 
-def write_manifest(out_dir: Path, records: list[dict], size: int, synthetic_sources: list[str]) -> dict:
+def write_manifest(out_dir: Path, records: list[dict], size: int, synthetic_sources: list[str],
+                   name: str = "manifest.json") -> dict:
     sources: dict[str, dict] = {}
     for record in sorted(records, key=lambda record: record["shard"]):
-        counts = sources.setdefault(record["source"], {"volumes": 0, "slices": 0, "failed": 0, "files": []})
+        counts = sources.setdefault(record["source"], {"volumes": 0, "slices": 0, "failed": 0, "files": [], "shards": []})
         counts["volumes"] += len(record["volumes"])
         counts["slices"] += record["slices"]
         counts["failed"] += len(record["failed"])
+        counts["shards"].append(record["shard"])
         if record["file"]:
             counts["files"].append(record["file"])
     manifest = {
@@ -257,7 +308,7 @@ def write_manifest(out_dir: Path, records: list[dict], size: int, synthetic_sour
         "failed": [failure for record in records for failure in record["failed"]],
         "synthetic_sources": synthetic_sources,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out_dir / name).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
