@@ -188,3 +188,17 @@ def test_two_machines_prepare_parts_that_merge_into_the_one_machine_corpus(sourc
     assert len(manifest["failed"]) == len(single["failed"])
     parted, whole = _slices(tmp_path / "parts"), _slices(tmp_path / "single")
     assert parted.keys() == whole.keys() and all(parted[key] == whole[key] for key in whole)
+
+
+@pytest.mark.parametrize("cpus,local_world_size,expected", [("0", "1", (1, 0)), ("0,1", "1", (2, 1)), ("0,1", "2", (1, 0))])
+def test_data_steps_count_the_cores_this_process_may_use(cpus, local_world_size, expected):
+    """`--workers` defaults follow the CPU affinity (taskset, containers) shared among a launcher's local processes,
+    read when the step runs, not `os.cpu_count()` when the parser was built."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores to narrow")
+    code = ("from braindino.train.data.cores import available_cores;"
+            "from braindino.train.encoding.volume_loader import default_workers;"
+            "print(available_cores(), default_workers())")
+    out = subprocess.run(["taskset", "-c", cpus, sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LOCAL_WORLD_SIZE": local_world_size}).stdout.split()
+    assert tuple(map(int, out)) == expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -266,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--recipe", default=QUICKSTART_RECIPE,
                             help="pretraining recipe: a bundled name or a JSON file (`tiny`: DINOv3's initialisation and "
                                  "loss weights, whose DINO loss stays at log K for minutes)")
-    quickstart.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    quickstart.add_argument("--workers", type=int, default=2, help="processes for the data steps and the loader")
     _add_runtime_arguments(quickstart, loader_workers=False)
     quickstart.set_defaults(run=_quickstart)
 
@@ -290,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tumor-fraction", type=float, default=0.5, help="share of subjects with a tumour")
     synth.add_argument("--disease-fraction", type=float, default=0.5, help="share with the disease atrophy pattern")
     synth.add_argument("--first-index", type=int, default=0, help="number subjects from here (held-out sets)")
-    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    synth.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     synth.set_defaults(run=_synth)
 
     prepare = commands.add_parser("prepare-data", help="NIfTI folders → Parquet shards of axial slices (resumable)")
@@ -298,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--size", type=int, default=224, help="slice canvas size in pixels")
     prepare.add_argument("--volumes-per-shard", type=int, default=8)
-    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     prepare.add_argument("--part", type=int, help="with --total-parts N: write the K-th share (0-based) of the shards, "
                                                  "for N machines with the same sources and one output folder")
     prepare.add_argument("--total-parts", type=int)

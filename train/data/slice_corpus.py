@@ -27,6 +27,7 @@ from datasets import Dataset, Features, List, Value
 
 from braindino import BrainDinoImageProcessor, BrainDinoInputError
 
+from braindino.train.data.cores import available_cores
 from braindino.train.data.synthetic import declares_synthetic
 
 SLICE_FEATURES = Features(
@@ -185,7 +186,7 @@ def _shard_jobs(entries: list, volumes_per_shard: int, first_index: int) -> list
 
 
 def prepare_corpus(
-    sources: list[str | Path], out_dir: str | Path, size: int = 224, volumes_per_shard: int = 8, workers: int = 1,
+    sources: list[str | Path], out_dir: str | Path, size: int = 224, volumes_per_shard: int = 8, workers: int | None = None,
     progress: bool = True, part: int | None = None, total_parts: int | None = None,
 ) -> dict:
     """Build (or resume) the slice corpus; return the manifest, also written to `manifest.json`.
@@ -193,9 +194,10 @@ def prepare_corpus(
     With `part` K of `total_parts` N (machines sharing the work, each with the same sources and settings): the shards
     are planned over all volumes, as one machine would number them, and this call writes every N-th from the K-th and
     `manifest-part-K-of-N.json`; `merge_corpus_parts` then writes the `manifest.json` of the whole corpus, which
-    equals the one machine's slice for slice."""
+    equals the one machine's slice for slice. `workers` processes write shards (None: `available_cores()`)."""
     from tqdm.auto import tqdm
 
+    workers = available_cores() if workers is None else workers
     out_dir = Path(out_dir)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     records = [json.loads(path.read_text()) for path in sorted((out_dir / "shards").glob("*.json"))]

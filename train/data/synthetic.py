@@ -35,6 +35,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from braindino.train.data.cores import available_cores
+
 CONTRASTS = ("t1", "t1ce", "t2", "flair")
 BRATS_LABELS = {"necrotic_core": 1, "edema": 2, "enhancing_tumor": 3}
 # Relative intensity of each tissue class per contrast:      CSF   GM    WM    necrosis oedema enhancing
@@ -235,13 +237,14 @@ def _survival(rng: np.random.Generator, age: float, tumor_volume_ml: float) -> d
 
 
 def write_synthetic_corpus(out_dir: str | Path, subjects: int, seed: int = 0, tumor_fraction: float = 0.5,
-                           disease_fraction: float = 0.5, workers: int = 1, resolution: int = 2,
+                           disease_fraction: float = 0.5, workers: int | None = None, resolution: int = 2,
                            first_index: int = 0) -> Path:
     """Write `subjects` synthetic subjects (BraTS-style folders) and `labels.csv`; return the CSV path.
 
     Subjects are numbered from `first_index`, so a held-out set written with the same seed and a later
-    `first_index` holds different subjects with different names.
+    `first_index` holds different subjects with different names. `workers` processes (None: `available_cores()`).
     """
+    workers = available_cores() if workers is None else workers
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = range(first_index, first_index + subjects)

@@ -10,7 +10,6 @@ leave a 27-slice batch behind. A volume the processor refuses becomes an item wi
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from braindino import BrainDinoImageProcessor, BrainDinoInputError, BrainDinoModel
+from braindino.train.data.cores import available_cores
 
 
 class VolumeSlices(Dataset):
@@ -51,8 +51,7 @@ def default_workers() -> int:
     """Loader processes for this process: its share of the machine's cores (`LOCAL_WORLD_SIZE` processes under a
     launcher) less one for itself, at most 8 (preprocessing takes about 0.2 s per volume and core; a GPU encodes
     tens of volumes per second)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    return max(0, min(8, available_cores() - 1))
 
 
 def volume_loader(sources: list[str | Path], processor: BrainDinoImageProcessor, workers: int | None = 0,
