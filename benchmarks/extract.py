@@ -1,5 +1,5 @@
-"""Feature extraction at cohort scale: the feature cache with 0, 1, 2 loader workers against the compute bound, and
-the processor against the way it normalised before, side by side in one run.
+"""Feature extraction at cohort scale: the feature cache with 0, 1, 2 loader workers against the compute bound, side
+by side in one run, and the processor's rate on one thread.
 
 Volumes: nilearn's MNI152 T1 template at 1 mm (197 x 233 x 189, a real-size scan), written `--volumes` times under
 different names, 128 resampled axial slices each at 224 px (the paper's setting).
@@ -8,8 +8,7 @@ different names, 128 resampled axial slices each at 224 px (the paper's setting)
 - serial (before the loader): per volume, preprocess 3-channel float32 slices in the main process, then encode;
 - cache, W workers: `FeatureCache.extract(..., workers=W)` (reading, preprocessing in DataLoader workers, one grey
   channel, packed batches, background writer) into a fresh folder;
-- processor: `preprocess_volume_slices` (statistics over the volume, arithmetic on the used slices) against the
-  previous recipe (normalise the whole volume, then pick the slices), one thread, outputs compared exactly.
+- processor: `preprocess_volume_slices` on one thread (what one loader worker has), the median of 5.
 
 The preprocessing rate per worker says how many workers a GPU needs: docs/benchmarks.md takes it from here.
 
@@ -40,22 +39,13 @@ def _seconds(function) -> float:
     return time.perf_counter() - started
 
 
-def processor_seconds(processor, path: str, repeats: int) -> tuple[float, float, bool]:
-    """Median single-thread seconds per volume: (today's preprocess_volume_slices, the previous recipe), and
-    whether both give the same slices bit for bit."""
+def processor_seconds(processor, path: str, repeats: int) -> float:
+    """Median single-thread seconds per volume of `preprocess_volume_slices`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one loader worker has
-
-    def previous():
-        volume, ras_data, ras_zooms = processor._load_ras(path, None, None)
-        geometry = processor._plan(volume.name, ras_data, ras_zooms, volume.data.shape, volume.affine)
-        return processor._ras_to_canvas(processor.normalize_intensity(ras_data), geometry, mode="bilinear")
-
-    same = torch.equal(previous(), processor.preprocess_volume_slices(path)[0])
-    today = sorted(_seconds(lambda: processor.preprocess_volume_slices(path)) for _ in range(repeats))[repeats // 2]
-    before = sorted(_seconds(previous) for _ in range(repeats))[repeats // 2]
+    seconds = sorted(_seconds(lambda: processor.preprocess_volume_slices(path)) for _ in range(repeats))[repeats // 2]
     torch.set_num_threads(threads)
-    return today, before, same
+    return seconds
 
 
 def main() -> None:
@@ -76,7 +66,7 @@ def main() -> None:
         for number in range(args.volumes):
             paths.append(str(Path(folder) / f"subject{number:03d}_t1.nii.gz"))
             shutil.copy(template, paths[-1])
-        today, before, same = processor_seconds(backbone.processor, paths[0], repeats=5)
+        today = processor_seconds(backbone.processor, paths[0], repeats=5)
 
         slices = [backbone.processor.preprocess_volume_slices(path)[0] for path in paths]
         backbone.model.encode_slices(slices[0][: args.slice_batch_size])  # warm-up
@@ -104,8 +94,7 @@ def main() -> None:
         print(f"| {name} | {rate:.3f} | {rate / bound:.3f} |")
     print()
     per_worker = 1 / today
-    print(f"preprocessing, one thread: {today:.3f} s/volume now vs {before:.3f} s before (ratio {today / before:.3f}; "
-          f"same slices bit for bit: {same}) → {per_worker:.1f} volumes/s per loader worker; "
+    print(f"preprocessing, one thread: {today:.3f} s/volume → {per_worker:.1f} volumes/s per loader worker; "
           f"{math.ceil(20 / per_worker)} workers feed 20 volumes/s")
 
 

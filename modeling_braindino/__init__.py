@@ -20,14 +20,16 @@ from .modeling_braindino import (
     BrainDinoForPreTraining,
     BrainDinoForRegression,
     BrainDinoForSegmentation,
-    BrainDinoSegmentationOutput,
-    BrainDinoVolumeOutput,
-    cox_partial_likelihood_loss,
+    BrainDinoForSurvival,
     BrainDinoModel,
     BrainDinoModelOutput,
     BrainDinoPreTrainedModel,
     BrainDinoPreTrainingOutput,
+    BrainDinoSegmentationOutput,
     BrainDinoSliceEmbeddings,
+    BrainDinoVolumeOutput,
+    cox_partial_likelihood_loss,
+    subject_embedding,
 )
 from .pipelines import register_pipelines
 from .volume_io import BrainDinoInputError, BrainVolume, load_volume
@@ -39,7 +41,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register(BrainDinoConfig.model_type, BrainDinoConfig, exist_ok=True)
     AutoModel.register(BrainDinoConfig, BrainDinoModel, exist_ok=True)
     AutoModelForPreTraining.register(BrainDinoConfig, BrainDinoForPreTraining, exist_ok=True)
-    # There is no AutoModelForRegression in transformers: load BrainDinoForRegression by class.
+    # There is no AutoModelForRegression in transformers: load BrainDinoForRegression and BrainDinoForSurvival by class.
     AutoModelForImageClassification.register(BrainDinoConfig, BrainDinoForClassification, exist_ok=True)
     AutoModelForSemanticSegmentation.register(BrainDinoConfig, BrainDinoForSegmentation, exist_ok=True)
     AutoImageProcessor.register(BrainDinoConfig, image_processor_classes={"pil": BrainDinoImageProcessor}, exist_ok=True)
@@ -54,8 +56,9 @@ def _register_auto_classes() -> None:
     # transformers has no AutoModelForRegression; as with its own `*ForImageClassification` models (which regress when
     # `problem_type="regression"`), a regression folder maps AutoModelForImageClassification to its class for remote code.
     # With the package installed that Auto class gives BrainDinoForClassification, whose forward is the same
-    # config-driven code (loss, target statistics, survival risk), so either class serves a regression folder.
+    # config-driven code (loss, target statistics, survival risk), so either class serves a regression or survival folder.
     BrainDinoForRegression.register_for_auto_class("AutoModelForImageClassification")
+    BrainDinoForSurvival.register_for_auto_class("AutoModelForImageClassification")
     BrainDinoImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
@@ -68,6 +71,7 @@ __all__ = [
     "BrainDinoForClassification",
     "BrainDinoForPreTraining",
     "BrainDinoForRegression",
+    "BrainDinoForSurvival",
     "BrainDinoForSegmentation",
     "BrainDinoSegmentationOutput",
     "BrainDinoImageProcessor",
@@ -84,4 +88,5 @@ __all__ = [
     "braindino_from_dinov3",
     "cox_partial_likelihood_loss",
     "load_volume",
+    "subject_embedding",
 ]

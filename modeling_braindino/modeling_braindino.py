@@ -17,8 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.utils import logging
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_braindino import BrainDinoConfig
 from .image_processing_braindino import BrainDinoImageProcessor
@@ -556,7 +555,7 @@ class BrainDinoForPreTraining(BrainDinoPreTrainedModel):
 @dataclass
 class BrainDinoVolumeOutput(ModelOutput):
     """
-    Output of [`BrainDinoForClassification`] and [`BrainDinoForRegression`].
+    Output of [`BrainDinoForClassification`], [`BrainDinoForRegression`] and [`BrainDinoForSurvival`].
 
     Args:
         loss (`()`, *optional*): the task loss, when `labels` are given.
@@ -583,6 +582,13 @@ def cox_partial_likelihood_loss(log_risk: torch.Tensor, times: torch.Tensor, eve
     return -((log_risk - log_risk_set) * events).sum() / events.sum().clamp(min=1.0)
 
 
+def subject_embedding(slice_embeddings: torch.Tensor) -> torch.Tensor:
+    """The paper's subject embedding: the mean of a volume's per-slice CLS tokens, `(..., S, D)` → `(..., D)`. Every
+    stage that embeds a volume (the pipelines, the feature cache, the heads' mean pooling, the pretraining k-NN
+    monitor, the evaluation's k-NN probe) takes it from here; several contrasts are averaged after it (the paper)."""
+    return slice_embeddings.mean(dim=-2)
+
+
 class BrainDinoSlicePooling(nn.Module):
     """Slice embeddings `(B, S, D)` → a volume embedding `(B, D)`: the paper's mean, or gated attention (MIL)."""
 
@@ -596,7 +602,7 @@ class BrainDinoSlicePooling(nn.Module):
 
     def forward(self, slice_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.mode == "mean":
-            return slice_embeddings.mean(dim=1), None
+            return subject_embedding(slice_embeddings), None
         scores = self.attention_score(
             torch.tanh(self.attention_value(slice_embeddings)) * torch.sigmoid(self.attention_gate(slice_embeddings))
         ).squeeze(-1)  # [B, S]
@@ -728,15 +734,24 @@ class BrainDinoForClassification(BrainDinoForVolumeTasks):
 
 
 class BrainDinoForRegression(BrainDinoForVolumeTasks):
-    """Volume regression (brain age, days after stroke); `problem_type="survival"` gives a Cox log-risk."""
+    """Volume regression (brain age, days after stroke): outputs in the targets' units (`config.target_mean` /
+    `target_std` undo the standardisation the head trained on)."""
 
     def __init__(self, config: BrainDinoConfig):
         if config.problem_type is None:
             config.problem_type = "regression"
-        if config.problem_type == "survival":
-            config.num_labels = 1
-        elif config.target_mean is not None:
+        if config.target_mean is not None:
             config.num_labels = len(config.target_mean)
+        super().__init__(config)
+
+
+class BrainDinoForSurvival(BrainDinoForVolumeTasks):
+    """Survival (overall survival, time to progression): a Cox proportional-hazards head with one output, the
+    log-risk (higher = an earlier event expected), trained on `(time, event)` labels by the partial likelihood."""
+
+    def __init__(self, config: BrainDinoConfig):
+        config.problem_type = "survival"
+        config.num_labels = 1
         super().__init__(config)
 
 

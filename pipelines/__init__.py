@@ -3,7 +3,7 @@
 | task | model class | result |
 | --- | --- | --- |
 | `brain-age` | `BrainDinoForRegression` | `{"age", "num_slices"}` |
-| `brain-survival` | `BrainDinoForRegression` (`problem_type="survival"`) | `{"risk", "num_slices"}` |
+| `brain-survival` | `BrainDinoForSurvival` | `{"risk", "num_slices"}` |
 | `brain-mri-classification` | `BrainDinoForClassification` | `[{"label", "score"}, ...]` |
 | `brain-tumor-segmentation` | `BrainDinoForSegmentation` | `{"mask": nibabel image, "volumes_ml", "num_slices"}` |
 | `brain-mri-feature-extraction` | `BrainDinoModel` (or any head's backbone) | `{"embedding", "num_slices"}` |

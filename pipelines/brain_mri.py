@@ -141,7 +141,8 @@ class BrainMRIFeatureExtractionPipeline(BrainMRIPipeline):
     def postprocess(self, model_outputs: dict, return_slice_embeddings: bool = False) -> dict:
         per_contrast = model_outputs["slice_embeddings"]
         result = {
-            "embedding": torch.stack([embedding.mean(dim=0) for embedding in per_contrast]).mean(dim=0).numpy(),
+            # braindino.subject_embedding (this module is remote code, importing no braindino), contrasts averaged
+            "embedding": torch.stack([embedding.mean(dim=-2) for embedding in per_contrast]).mean(dim=0).numpy(),
             "num_slices": int(per_contrast[0].shape[0]),
         }
         if return_slice_embeddings:

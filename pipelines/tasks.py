@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-from ..modeling_braindino import BrainDinoForClassification, BrainDinoForRegression, BrainDinoForSegmentation
+from ..modeling_braindino import (
+    BrainDinoForClassification,
+    BrainDinoForRegression,
+    BrainDinoForSegmentation,
+    BrainDinoForSurvival,
+)
 from .brain_mri import (
     BrainAgePipeline,
     BrainMRIClassificationPipeline,
@@ -40,7 +45,7 @@ _ALL = (
               BrainDinoForClassification, AutoModelForImageClassification, "image-classification"),
     BrainTask("brain-age", "regression", "brain_age", BrainAgePipeline, BrainDinoForRegression,
               AutoModelForImageClassification, "other"),
-    BrainTask("brain-survival", "survival", None, BrainSurvivalPipeline, BrainDinoForRegression,
+    BrainTask("brain-survival", "survival", None, BrainSurvivalPipeline, BrainDinoForSurvival,
               AutoModelForImageClassification, "other"),
     BrainTask("brain-tumor-segmentation", "segmentation", "segmentation", BrainTumorSegmentationPipeline,
               BrainDinoForSegmentation, AutoModelForSemanticSegmentation, "image-segmentation", returns_mask=True),

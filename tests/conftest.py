@@ -76,6 +76,7 @@ def head_folders(tmp_path_factory) -> dict:
         BrainDinoForClassification,
         BrainDinoForRegression,
         BrainDinoForSegmentation,
+        BrainDinoForSurvival,
         BrainDinoImageProcessor,
         BrainDinoModel,
     )
@@ -85,7 +86,7 @@ def head_folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("heads")
     volume_processor = BrainDinoImageProcessor(size=32, num_slices=8)
     age = BrainDinoForRegression(small_config(num_labels=1, target_mean=[55.0], target_std=[15.0], contrasts=["t1"]))
-    survival = BrainDinoForRegression(small_config(problem_type="survival", contrasts=["t1", "t1ce", "t2", "flair"]))
+    survival = BrainDinoForSurvival(small_config(contrasts=["t1", "t1ce", "t2", "flair"]))
     classes = ["flair", "t1", "t1ce", "t2"]
     sequence = BrainDinoForClassification(small_config(num_labels=4, id2label=dict(enumerate(classes)),
                                                        label2id={c: i for i, c in enumerate(classes)}))

@@ -105,7 +105,8 @@ def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corp
     metadata = assert_hub_valid_card(tmp_path / "sequence" / "model" / "README.md")
     assert metadata["pipeline_tag"] == "image-classification" and "brain-mri-classification" in metadata["tags"]
     assert results["synthetic_data"] and "synthetic-data" in metadata["tags"]
-    run = {"recipe": dataclasses.asdict(PretrainConfig.load("tiny")),
+    tiny = PretrainConfig.load("tiny")
+    run = {"recipe": dataclasses.asdict(tiny), "loss_terms": tiny.trained_loss_terms(),
            "model_config": BrainDinoConfig.from_preset("tiny").to_dict(), "iterations": 10, "minutes": 0.5,
            "processes": 1, "device": "cpu", "losses": {"first": 9.0, "last_10_mean": 8.0}, "num_parameters": 2_000_000,
            "manifest": {"volumes": 4, "slices": 100, "slice_size": 112, "synthetic_sources": ["synthetic"],
@@ -118,7 +119,8 @@ def test_generated_cards_pass_the_hubs_metadata_readers(tmp_path, synthetic_corp
     card = backbone_card(run).content  # the terms and augmentation the recipe used, with their weights
     assert ("DINO (CLS, sinkhorn-knopp centring) × 1 + iBOT (masked patches) × 1 + KoLeo × 0.1; intensity augmentation "
             "with probability 0.8;") in card
-    card = backbone_card({**run, "recipe": dataclasses.asdict(PretrainConfig.load("tiny-layerscale1-nokoleo-noaug"))}).content
+    nokoleo = PretrainConfig.load("tiny-layerscale1-nokoleo-noaug")
+    card = backbone_card({**run, "recipe": dataclasses.asdict(nokoleo), "loss_terms": nokoleo.trained_loss_terms()}).content
     assert "iBOT (masked patches) × 1; no intensity augmentation;" in card and "KoLeo" not in card
 
 
@@ -152,7 +154,8 @@ def test_cards_carry_uses_risks_compute_citation_base_model_and_a_true_install_l
         assert call in card.text, card.text
         assert ("carries its own pipeline code" in card.text) == pipeline_code
         assert "encoded on" in card.text and "head run(s) took" in card.text
-    run = {"recipe": dataclasses.asdict(PretrainConfig.load("base")),
+    base = PretrainConfig.load("base")
+    run = {"recipe": dataclasses.asdict(base), "loss_terms": base.trained_loss_terms(),
            "model_config": BrainDinoConfig.from_preset("tiny").to_dict(), "iterations": 10, "minutes": 0.5,
            "processes": 8, "device": "cuda", "hardware": "NVIDIA H100 80GB HBM3", "losses": {"first": 9.0, "last_10_mean": 8.0},
            "num_parameters": 2_000_000, "manifest": {"volumes": 4, "slices": 100, "slice_size": 224, "sources": {

@@ -498,7 +498,8 @@ def test_pretraining_starts_from_dinov3_weights(tmp_path):
     pixel_values = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         difference = (model.braindino(pixel_values).last_hidden_state - source(pixel_values).last_hidden_state).abs().max()
-    assert difference <= 1e-4
+    # float32 rounding: outputs reach about 3.5, where one ulp is 2.4e-7; measured 5e-7 to 1e-6 over three seeds
+    assert difference <= 2e-6
     assert model.config.num_prototypes == BrainDinoConfig.from_preset("tiny").num_prototypes
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageClassification
 from braindino import (
     BrainDinoForClassification,
     BrainDinoForRegression,
+    BrainDinoForSurvival,
     cox_partial_likelihood_loss,
 )
 
@@ -71,8 +72,9 @@ def test_multi_contrast_embeddings_are_averaged():
 @pytest.mark.parametrize("problem_type", ["regression", "survival", "multi_label_classification"])
 def test_problem_types_use_their_own_losses(problem_type):
     torch.manual_seed(3)
-    head_class = BrainDinoForClassification if problem_type.endswith("classification") else BrainDinoForRegression
+    head_class = {"regression": BrainDinoForRegression, "survival": BrainDinoForSurvival}.get(problem_type, BrainDinoForClassification)
     model = head_class(small_config(problem_type=problem_type, num_labels=2 if problem_type.endswith("classification") else 1))
+    assert model.config.problem_type == problem_type
     embeddings = torch.randn(4, 5, 64)
     if problem_type == "regression":
         labels = torch.tensor([30.0, 50.0, 70.0, 40.0])

@@ -3,39 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
+import torch
+
 from braindino import BrainDinoInputError
-from braindino.model_sources import check_model_source
+from braindino.example_data import write_mni152_t1
+from braindino.model_sources import model_location
 from braindino.pipelines import HEAD_TASKS, TASKS
-from braindino.train.data.slice_corpus import CorpusPartsError
-from braindino.train.heads.config import LabelsFileError
-from braindino.train.pretraining.recipe import SHIPPED_LAUNCHER_CONFIGS
+from braindino.pipelines.predict_files import predict_files
+from braindino.train.data.multicrop import MultiCropConfig
+from braindino.train.data.preview import save_crop_preview
+from braindino.train.data.slice_corpus import (
+    CorpusPartsError,
+    merge_corpus_parts,
+    prepare_corpus,
+)
+from braindino.train.data.stream import multicrop_loader, slice_stream
+from braindino.train.data.synthetic import write_synthetic_corpus
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import extract_features, process_state
+from braindino.train.evaluation.head_runs import train_heads
+from braindino.train.evaluation.protocol import EvaluationConfig, run_evaluation
+from braindino.train.heads.config import HeadTrainingConfig, LabelsFileError
+from braindino.train.pretraining.command import add_pretrain_arguments, run_pretrain
+from braindino.train.pretraining.recipe import (
+    SHIPPED_LAUNCHER_CONFIGS,
+    accelerate_config_path,
+)
 from braindino.train.quickstart import QUICKSTART_RECIPE
+from braindino.train.release.hub import push_folder
+
+from .quickstart import run_quickstart
 
 # Errors the user can fix (a missing file or folder, a bad volume): reported in one line, without a traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, BrainDinoInputError, LabelsFileError,
                CorpusPartsError)
 
 
-def model_location(value: str) -> str:
-    """A model argument: a folder or a Hub id (`user/name`), optionally `dinov3:` / `dinov2:` / `random:` prefixed,
-    refused while the arguments are read when it names a local folder that does not exist."""
-    kind, _, rest = value.partition(":")
-    source = rest.partition(":")[0] if kind == "random" else rest if kind in ("dinov3", "dinov2") else value
-    try:
-        check_model_source(source)
-    except FileNotFoundError as error:  # the same message, naming the argument as given (its prefix too)
-        raise argparse.ArgumentTypeError(f"{value}: {str(error).removeprefix(f'{source}: ')}") from None
-    return value
-
-
 def _extract_features(args: argparse.Namespace) -> int:
-    from braindino.example_data import write_mni152_t1
-    from braindino.train.encoding.backbones import load_backbone
-    from braindino.train.encoding.feature_cache import extract_features, process_state
-
     paths = list(args.files)
     if args.example == "mni152":
         paths.append(write_mni152_t1(Path(args.out) / "inputs"))
@@ -59,8 +68,6 @@ def _extract_features(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from braindino.train.data.synthetic import write_synthetic_corpus
-
     print(f"writing {args.subjects} SYNTHETIC subjects (MNI152 anatomy, randomly deformed) to {args.out}")
     labels = write_synthetic_corpus(
         args.out, args.subjects, seed=args.seed, tumor_fraction=args.tumor_fraction,
@@ -71,8 +78,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
-    from braindino.train.data.slice_corpus import merge_corpus_parts, prepare_corpus
-
     if args.merge:
         manifest = merge_corpus_parts(args.out)
     elif not args.sources:
@@ -90,14 +95,6 @@ def _prepare_data(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from braindino.train.data.multicrop import MultiCropConfig
-    from braindino.train.data.stream import multicrop_loader, slice_stream
-    from braindino.train.data.preview import save_crop_preview
-
     torch.manual_seed(args.seed)
     config = MultiCropConfig(global_crop_size=args.global_size, local_crop_size=args.local_size,
                              local_crops_number=args.local_crops)
@@ -118,17 +115,12 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
-
     run_quickstart(args.out, subjects=args.subjects, held_out=args.held_out, seed=args.seed, workers=args.workers,
                    pretrain_minutes=args.pretrain_minutes, device=args.device, dtype=args.dtype, recipe=args.recipe)
     return 0
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from braindino.train.evaluation.head_runs import train_heads
-    from braindino.train.heads.config import HeadTrainingConfig
-
     config = HeadTrainingConfig(
         task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
         backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
@@ -154,8 +146,6 @@ def _train_head(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from braindino.pipelines.predict_files import predict_files
-
     summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device, dtype=args.dtype,
                             slice_batch_size=args.slice_batch_size)
     for path in summary["written"]:
@@ -166,8 +156,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from braindino.train.evaluation.protocol import EvaluationConfig, run_evaluation
-
     config = EvaluationConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
                               event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
                               seeds=args.seeds, num_slices=args.num_slices, size=args.size,
@@ -181,64 +169,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _accelerate_config(args: argparse.Namespace) -> int:
-    from braindino.train.pretraining.recipe import accelerate_config_path
-
     print(accelerate_config_path(args.name))
     return 0
 
 
 def _push_to_hub(args: argparse.Namespace) -> int:
-    from braindino.train.release.hub import push_folder
-
     print(f"pushed {args.folder} → {push_folder(args.folder, args.repo_id, private=args.private)}")
     return 0
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from braindino.train.pretraining.loop import pretrain
-    from braindino.train.pretraining.recipe import PretrainConfig
-
-    config = PretrainConfig.load(args.config, corpus=args.corpus, output_dir=args.output_dir, iterations=args.iterations,
-                                 batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-                                 num_workers=args.num_workers, seed=args.seed, init_from=args.init_from,
-                                 init_format=args.init_format, mixed_precision=args.mixed_precision,
-                                 time_limit_minutes=args.time_limit_minutes, knn_labels=args.knn_labels,
-                                 knn_every=args.knn_every, compile=args.compile or None, sharding=args.sharding,
-                                 gradient_accumulation_steps=args.gradient_accumulation_steps)
-    if args.tracker is not None:
-        config.tracker = None if args.tracker == "none" else args.tracker
-    if not config.corpus:
-        raise SystemExit("braindino pretrain: give --corpus (a folder written by `braindino prepare-data`)")
-    summary = pretrain(config, resume=not args.no_resume)
-    if "backbone" in summary:
-        print(f"pretrained backbone: {summary['backbone']} ({summary['seconds']:.0f} s)")
-    return 0
-
-
-def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="a JSON recipe file or a bundled recipe name")
-    parser.add_argument("--corpus", help="a folder written by prepare-data")
-    parser.add_argument("--output-dir")
-    parser.add_argument("--iterations", type=int)
-    parser.add_argument("--batch-size", type=int, help="images per process and micro-batch")
-    parser.add_argument("--gradient-accumulation-steps", type=int,
-                        help="micro-batches per optimiser step (global batch = batch size x processes x this)")
-    parser.add_argument("--sharding", choices=["ddp", "fsdp2"],
-                        help="ddp: every process holds the whole model; fsdp2: each holds a shard of every weight "
-                             "(shipped launcher configs: braindino accelerate-config)")
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--init-from", type=model_location, help="BrainDINO pretraining folder, or DINOv3/DINOv2 weights (see --init-format)")
-    parser.add_argument("--init-format", choices=["braindino", "dinov3", "dinov2"])
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
-                        help="autocast precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else no)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (the recipe's `compile`)")
-    parser.add_argument("--tracker", help="an Accelerate tracker (tensorboard, wandb, ...); 'none' to disable")
-    parser.add_argument("--time-limit-minutes", type=float, help="stop early, with a checkpoint, after this much time")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    parser.add_argument("--knn-labels", help="k-NN monitor: CSV of labelled volumes (columns image, contrast by default)")
-    parser.add_argument("--knn-every", type=int, help="k-NN monitor interval in iterations (default 100)")
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser, loader_workers: bool = True) -> None:
@@ -391,14 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     accelerate_config.set_defaults(run=_accelerate_config)
 
     pretrain = commands.add_parser("pretrain", help="DINOv3-style pretraining (also: accelerate launch -m braindino.train.pretraining)")
-    _add_pretrain_arguments(pretrain)
-    pretrain.set_defaults(run=_pretrain)
+    add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=run_pretrain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
     # The library logs its progress (per-run lines of train-head and evaluate); the command line shows it.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):

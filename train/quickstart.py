@@ -8,6 +8,7 @@ held-out scan (the mask written as NIfTI on the scan's grid) → `space_models.j
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -15,7 +16,23 @@ from pathlib import Path
 
 import torch
 
+from braindino import BrainDinoImageProcessor, BrainDinoModel
+from braindino.example_data import write_mni152_t1
 from braindino.pipelines import SPACE_ENTRIES
+from braindino.pipelines.predict_files import predict_files
+from braindino.train.data.multicrop import MultiCropConfig
+from braindino.train.data.preview import save_crop_preview
+from braindino.train.data.slice_corpus import prepare_corpus
+from braindino.train.data.stream import multicrop_loader, slice_stream
+from braindino.train.data.synthetic import CONTRASTS, write_synthetic_corpus
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import extract_features
+from braindino.train.evaluation.figures import loss_curve_figure, segmentation_figure
+from braindino.train.evaluation.head_runs import train_heads
+from braindino.train.evaluation.metrics import TRIVIAL_BASELINES
+from braindino.train.heads.config import HeadTrainingConfig
+from braindino.train.pretraining.loop import UNIFORM_TARGETS, pretrain, read_metrics
+from braindino.train.pretraining.recipe import PretrainConfig
 
 TOTAL_STEPS = 7
 # The CPU recipe whose DINO branch learns in minutes (docs/research/cpu-pretraining.md); `tiny` is DINOv3's
@@ -30,11 +47,6 @@ def _step(number: int, total: int, text: str) -> float:
 
 def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers: int, timings: dict) -> dict:
     """Steps 1-3: the SYNTHETIC corpus (and held-out subjects), the slice corpus, one epoch of the multi-crop loader."""
-    from braindino.train.data.multicrop import MultiCropConfig
-    from braindino.train.data.preview import save_crop_preview
-    from braindino.train.data.slice_corpus import prepare_corpus
-    from braindino.train.data.stream import multicrop_loader, slice_stream
-    from braindino.train.data.synthetic import write_synthetic_corpus
 
     started = _step(1, TOTAL_STEPS, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
     write_synthetic_corpus(out_dir / "synthetic", subjects, seed=seed, workers=workers)
@@ -65,12 +77,6 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     """Run every stage into `out_dir`; return the report's path. `recipe`: the pretraining recipe (a bundled name or a
     JSON file); `device`/`dtype`: where and in which precision the frozen backbone encodes for the features, heads and
     pipelines (`braindino.precision`)."""
-    from braindino.example_data import write_mni152_t1
-    from braindino.train.data.synthetic import CONTRASTS
-    from braindino.train.encoding.backbones import load_backbone
-    from braindino.train.encoding.feature_cache import extract_features
-    from braindino.train.pretraining.loop import pretrain, read_metrics
-    from braindino.train.pretraining.recipe import PretrainConfig
 
     out_dir = Path(out_dir)
     timings = {}
@@ -115,7 +121,6 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
 def dino_branch_line(records: list[dict]) -> str:
     """What the last pretraining records say of the DINO branch: its loss against log K, the teacher's CLS target
     entropy, and the two CLS spreads that tell a lagging teacher from a collapsed student."""
-    from braindino.train.pretraining.loop import UNIFORM_TARGETS
 
     def mean(key: str) -> float:  # a NaN step is logged as None
         values = [record[key] for record in records if record.get(key) is not None]
@@ -133,7 +138,6 @@ def dino_branch_line(records: list[dict]) -> str:
 
 def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Path:
     """`report.md` (counts, losses, scores, timings, pictures) and `timings.json`."""
-    from braindino.train.data.synthetic import CONTRASTS
 
     manifest, crops, losses, trained = facts["manifest"], facts["crops"], facts["losses"], facts["trained"]
     lines = [
@@ -175,10 +179,7 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
 def train_quickstart_heads(out_dir: Path, backbone: str, seed: int, device: str = "auto", dtype: str = "auto") -> dict[str, dict]:
     """A brain-age head (all labels and 50 %, 3 seeds: with 6 test subjects one seed is noise) and, where at least 3
     subjects have a tumour, a segmentation head (one seed: the slow task)."""
-    import csv
 
-    from braindino.train.evaluation.head_runs import train_heads
-    from braindino.train.heads.config import HeadTrainingConfig
 
     labels = out_dir / "synthetic" / "labels.csv"
     common = dict(labels=str(labels), backbone=backbone, num_slices=32, device=device, dtype=dtype)
@@ -199,7 +200,6 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int, device: str 
 def head_report_lines(heads: dict[str, dict]) -> list[str]:
     """One line per head: its score per label fraction (training subjects), next to the trivial baseline on the
     same held-out subjects where the task has one."""
-    from braindino.train.evaluation.metrics import TRIVIAL_BASELINES
 
     lines = []
     for name, results in heads.items():
@@ -224,7 +224,6 @@ def head_report_lines(heads: dict[str, dict]) -> list[str]:
 def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path,
                              device: str = "auto", dtype: str = "auto") -> dict:
     """Every pipeline whose head exists, on one held-out subject, through `braindino predict`'s code path."""
-    from braindino.pipelines.predict_files import predict_files
 
     scans = {contrast: str(next(subject_dir.glob(f"*_{contrast}.nii.gz"))) for contrast in ("t1", "flair")}
     jobs = {"brain-age": (heads["brain age"]["exported_model"]["folder"], scans["t1"]),
@@ -250,9 +249,7 @@ def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: st
 def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subject_dir: Path) -> dict[str, Path]:
     """The loss curve, and (with a segmentation head) the held-out slice with the most tumour: predicted labels,
     the reference outline and the patch-feature PCA map."""
-    from braindino import BrainDinoImageProcessor, BrainDinoModel
 
-    from braindino.train.evaluation.figures import loss_curve_figure, segmentation_figure
 
     pictures = {"pretraining loss": loss_curve_figure(out_dir / "pretrain" / "metrics.jsonl", out_dir / "loss_curve.png")}
     masks = sorted((out_dir / "predictions" / "brain-tumor-segmentation").glob("*_seg.nii.gz"))

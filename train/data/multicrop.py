@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def decode_slices(rows: list[dict]) -> torch.Tensor:
     """Corpus rows as one `(B, H, W)` float16 tensor, the slices' stored precision (half the bytes of float32 to
     copy to an accelerator, which converts them)."""

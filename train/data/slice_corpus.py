@@ -24,9 +24,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import Dataset, Features, List, Value
+from tqdm.auto import tqdm
 
 from braindino import BrainDinoImageProcessor, BrainDinoInputError
-
 from braindino.train.data.cores import available_cores
 from braindino.train.data.synthetic import declares_synthetic
 
@@ -195,7 +195,6 @@ def prepare_corpus(
     are planned over all volumes, as one machine would number them, and this call writes every N-th from the K-th and
     `manifest-part-K-of-N.json`; `merge_corpus_parts` then writes the `manifest.json` of the whole corpus, which
     equals the one machine's slice for slice. `workers` processes write shards (None: `available_cores()`)."""
-    from tqdm.auto import tqdm
 
     workers = available_cores() if workers is None else workers
     out_dir = Path(out_dir)

@@ -12,10 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import IterableDataset, interleave_datasets, load_dataset
 
 from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed fixed by `keys` (seed, rank, iteration, ...) through NumPy's `SeedSequence`, whose output is
+    specified across versions and platforms (Python's tuple hash is not: a resume under another interpreter would
+    draw other crops) and decorrelated for neighbouring keys."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
@@ -117,7 +125,7 @@ class ResumableRowBatches:
         self.stream.set_epoch(self.data_epoch)
         # Its own generator: iter(DataLoader) would otherwise draw from the global RNG, which the model's
         # randomness (drop-path, RoPE augmentation) shares, and a resumed run would drift from the original.
-        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.data_epoch)) % (2**63))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, self.data_epoch))
         loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collate,
                                              num_workers=self.num_workers, drop_last=True, generator=generator,
                                              pin_memory=torch.cuda.is_available() and self.collate is not list)

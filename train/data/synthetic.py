@@ -33,6 +33,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nilearn import datasets
 from scipy import ndimage
 
 from braindino.train.data.cores import available_cores
@@ -70,7 +71,6 @@ class Anatomy:
 @lru_cache(maxsize=2)
 def load_anatomy(resolution: int = 2) -> Anatomy:
     """nilearn's bundled MNI152 GM/WM maps and brain mask (no download)."""
-    from nilearn import datasets
 
     brain_image = datasets.load_mni152_brain_mask(resolution=resolution)
     brain = brain_image.get_fdata().astype(np.float32)

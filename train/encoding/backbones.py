@@ -18,6 +18,7 @@ from braindino import (
     BrainDinoModel,
     braindino_from_dinov2,
     braindino_from_dinov3,
+    subject_embedding,
 )
 from braindino.model_sources import check_model_source
 from braindino.precision import resolve_device, resolve_dtype
@@ -109,6 +110,6 @@ def embed_volumes(paths: list[str | Path], backbone: Backbone, slice_batch_size:
     for path in tqdm(paths, desc="embedding", unit="volume", leave=False):
         pixel_values, _ = backbone.processor.preprocess_volume(path)
         encoded = backbone.model.encode_slices(pixel_values, slice_batch_size)
-        parts = [encoded.cls_tokens.mean(dim=0)] + ([encoded.patch_means.mean(dim=0)] if with_patch_means else [])
+        parts = [subject_embedding(encoded.cls_tokens)] + ([encoded.patch_means.mean(dim=0)] if with_patch_means else [])
         embeddings.append(torch.cat(parts).float().cpu().numpy())
     return np.stack(embeddings)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from braindino import BrainDinoImageProcessor, BrainDinoInputError, BrainDinoModel
+from braindino import BrainDinoImageProcessor, BrainDinoInputError, BrainDinoModel, subject_embedding
 from braindino.train.data.cores import available_cores
 
 
@@ -130,5 +130,5 @@ def _finished(waiting: deque[_Pending]) -> Iterator[tuple[dict, dict | None]]:
             yield pending.item, None
             continue
         cls_tokens = torch.cat(pending.cls_tokens).float().cpu()  # one copy to the host per volume
-        yield pending.item, {"volume_embedding": cls_tokens.mean(dim=0), "slice_cls_tokens": cls_tokens,
+        yield pending.item, {"volume_embedding": subject_embedding(cls_tokens), "slice_cls_tokens": cls_tokens,
                              "slice_patch_means": torch.cat(pending.patch_means).float().cpu()}

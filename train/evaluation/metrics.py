@@ -11,6 +11,19 @@ import math
 import warnings
 
 import numpy as np
+import torch
+from lifelines.utils import concordance_index
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from scipy.stats import pearsonr, rankdata
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+    roc_auc_score,
+)
 
 # BraTS regions as sets of labels (1 necrotic core, 2 oedema, 3 enhancing tumour).
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {
@@ -31,9 +44,6 @@ PRIMARY_METRIC = {"classification": "balanced_accuracy", "regression": "mae", "s
 
 
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
-    from scipy.stats import pearsonr
-    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-
     targets, predictions = np.asarray(targets, float).ravel(), np.asarray(predictions, float).ravel()
     pearson = pearsonr(targets, predictions).statistic if len(targets) > 2 and predictions.std() > 0 else float("nan")
     return {
@@ -47,7 +57,6 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """`labels` (N,) class indices, `probabilities` (N, K). AUROC: binary, or macro one-vs-rest for K > 2;
     NaN when the evaluation set lacks a class (AUROC is undefined there)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
     labels, probabilities = np.asarray(labels, int), np.asarray(probabilities, float)
     predictions = probabilities.argmax(axis=1)
@@ -71,7 +80,6 @@ def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     class's AUC is (the sum of its cases' ranks among all scores - n(n+1)/2) / (n x the other cases), ties ranked
     by their mean. Every class must be present. The head's epoch is selected on it after every epoch, where
     scikit-learn's `roc_auc_score` took 9 ms a call here (its input checks), this 0.7 ms; a test holds the two equal."""
-    from scipy.stats import rankdata
 
     labels = np.asarray(labels, int)
     classes = [1] if probabilities.shape[1] == 2 else range(probabilities.shape[1])
@@ -87,7 +95,6 @@ def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 def survival_metrics(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> dict[str, float]:
     """Harrell's C-index of a risk score (higher risk = earlier event; lifelines ranks the other way, hence -risk).
     NaN when no pair is comparable (no event before another subject's time)."""
-    from lifelines.utils import concordance_index
 
     try:
         return {"c_index": float(concordance_index(np.asarray(times, float), -np.asarray(risk, float), np.asarray(events, bool)))}
@@ -100,8 +107,6 @@ def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple
     """Dice, HD95 (mm) and normalised surface distance (surface Dice at `nsd_tolerance_mm`) of two binary volumes.
     Both empty: Dice 1, HD95 0, NSD 1. One empty: Dice 0, HD95 373.13 (BraTS 2023), NSD 0. Otherwise MONAI's
     `compute_dice`, `compute_hausdorff_distance(percentile=95)` and `compute_surface_dice`, with the voxel spacing."""
-    import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
     if not prediction.any() and not reference.any():
@@ -136,7 +141,6 @@ def validation_criterion(task: str):
     macro-AUC for classification (accuracy where the split lacks a class and AUC is undefined), minus the MAE for
     regression, the C-index for survival, whole-tumour Dice over the validation slices for segmentation.
     Returns `criterion(logits, targets) -> float`; NaN means undefined (counted as no improvement)."""
-    import torch
 
     def classification(logits: torch.Tensor, labels: torch.Tensor) -> float:
         labels, probabilities = labels.numpy(), logits.float().softmax(dim=1).numpy()

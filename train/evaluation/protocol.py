@@ -24,13 +24,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lifelines import KaplanMeierFitter
+from lifelines.statistics import logrank_test
+from sklearn.metrics import balanced_accuracy_score
 
+from braindino import subject_embedding
 from braindino.precision import dtype_name, resolve_device, resolve_dtype
+from braindino.train.encoding.backbones import load_backbone
+from braindino.train.encoding.feature_cache import FeatureCache
 from braindino.train.evaluation.head_runs import json_safe, train_heads
-from braindino.train.evaluation.metrics import PRIMARY_METRIC, regression_metrics, survival_metrics
+from braindino.train.evaluation.metrics import (
+    PRIMARY_METRIC,
+    regression_metrics,
+    survival_metrics,
+)
+from braindino.train.evaluation.reports import (
+    new_figure,
+    plot_knn,
+    plot_label_efficiency,
+    write_tables,
+)
+from braindino.train.evaluation.statistics import (
+    bootstrap_interval,
+    exact_mcnemar,
+    knn_probe,
+)
 from braindino.train.heads.config import HeadTrainingConfig
-from braindino.train.evaluation.reports import new_figure, plot_knn, plot_label_efficiency, write_tables
-from braindino.train.evaluation.statistics import bootstrap_interval, exact_mcnemar, knn_probe
 from braindino.train.heads.samples import evaluation_splits, read_samples
 
 logger = logging.getLogger(__name__)
@@ -92,7 +111,6 @@ def head_training_config(config: EvaluationConfig, spec: str, out: Path) -> Head
 
 def _primary_metric_function(task: str, metric: str):
     if task == "classification":  # the primary metric, balanced accuracy, from the predicted labels
-        from sklearn.metrics import balanced_accuracy_score
 
         return balanced_accuracy_score
     if task == "regression":
@@ -184,8 +202,6 @@ def _warn_random_baseline_in_16_bits(config: EvaluationConfig) -> None:
 
 def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     """k-NN probe on each backbone's cached subject embeddings (seed 0's split), McNemar against the first."""
-    from braindino.train.encoding.backbones import load_backbone
-    from braindino.train.encoding.feature_cache import FeatureCache
 
     labels = np.array([classes.index(sample.target) for sample in samples])
     train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.seeds[0])[0]
@@ -195,7 +211,7 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
                                  num_slices=config.num_slices, seed=head_config.backbone_seed, size=config.size,
                                  device=config.device, dtype=config.dtype)
         cache = FeatureCache(head_config.cache_dir, backbone)
-        per_contrast = [cache.slice_embeddings([sample.inputs[contrast] for sample in samples]).mean(dim=1)
+        per_contrast = [subject_embedding(cache.slice_embeddings([sample.inputs[contrast] for sample in samples]))
                         for contrast in range(len(config.inputs))]  # [V, D] each
         embeddings = np.mean([embedding.numpy() for embedding in per_contrast], axis=0)
         correct[name] = knn_probe(embeddings, labels, train, test, config.knn_ks)
@@ -210,8 +226,6 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
 
 def _kaplan_meier_section(config, head_configs, samples_by_name, out: Path) -> dict:
     """Test subjects split at the median training risk of the largest-fraction, first-seed run; log-rank p."""
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test
 
     section = {}
     for name, head_config in head_configs.items():

@@ -10,13 +10,13 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 LOWER_IS_BETTER = {"mae", "rmse", "hd95_whole_tumor"}
 
 
 def new_figure(**kwargs):
     """A figure with one axis, independent of pyplot (so of any backend the caller has chosen)."""
-    from matplotlib.figure import Figure
 
     figure = Figure(**kwargs)
     return figure, figure.subplots()

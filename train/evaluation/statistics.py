@@ -4,6 +4,9 @@ on frozen subject embeddings, and the exact McNemar test between two backbones' 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import binomtest
+
+from braindino.train.encoding.neighbours import cosine_knn_predict
 
 
 def bootstrap_interval(metric, *arrays: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -24,7 +27,6 @@ def bootstrap_interval(metric, *arrays: np.ndarray, resamples: int = 1000, seed:
 
 def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     """Exact McNemar test: a two-sided binomial test of the discordant pairs (A right & B wrong vs the reverse)."""
-    from scipy.stats import binomtest
 
     only_a = int(np.sum(correct_a & ~correct_b))
     only_b = int(np.sum(~correct_a & correct_b))
@@ -34,19 +36,6 @@ def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 def knn_probe(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
               ks: list[int]) -> dict[int, np.ndarray]:
-    """Cosine k-NN on L2-normalised embeddings: for each k below the training size, which test cases are right (at
-    k = the training size every test case gets the training majority, whatever the embeddings).
-
-    In float64: a near-identity network (DINOv3's LayerScale 1e-5, untrained) gives embeddings whose cosine distances
-    are ~1e-8, below float32's resolution of 1 - cos, where neighbours would be rounding noise."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    correct = {}
-    for k in ks:
-        if k >= len(train):
-            continue
-        neighbours = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(normalised[train], labels[train])
-        correct[k] = neighbours.predict(normalised[test]) == labels[test]
-    return correct
+    """Cosine k-NN (`cosine_knn_predict`, float64): for each k below the training size, which test cases are right
+    (at k = the training size every test case gets the training majority, whatever the embeddings)."""
+    return {k: cosine_knn_predict(embeddings, labels, train, test, k) == labels[test] for k in ks if k < len(train)}

@@ -7,12 +7,13 @@ import copy
 import time
 from collections.abc import Callable
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from braindino import BrainDinoForSegmentation
-from braindino.train.heads.config import SEGMENTATION_LABELS, HeadTrainingConfig
 from braindino.train.encoding.backbones import Backbone
+from braindino.train.heads.config import SEGMENTATION_LABELS, HeadTrainingConfig
 from braindino.train.heads.fitting import fit_head
 from braindino.train.heads.samples import Sample
 from braindino.train.heads.volume import head_config_from_backbone
@@ -30,7 +31,6 @@ def _segmentation_model(backbone: Backbone, config: HeadTrainingConfig) -> Brain
 
 def _segmentation_slices(processor, sample: Sample):
     """One subject's processed slices `(S, C or M, H, W)`, labels `(S, H, W)` and geometry."""
-    import nibabel as nib
 
     if len(sample.inputs) == 1:
         pixel_values, geometry = processor.preprocess_volume(sample.inputs[0])
@@ -53,16 +53,22 @@ def _training_slices(processor, samples, indices, rng) -> tuple[torch.Tensor, to
     return torch.cat(pixels), torch.cat(labels)
 
 
+def segmentation_processor(backbone: Backbone):
+    """The backbone's processor keeping every non-empty slice, so masks map back to the input grid exactly."""
+    processor = copy.deepcopy(backbone.processor)
+    processor.num_slices = None
+    return processor
+
+
 def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: HeadTrainingConfig, train: np.ndarray,
-                          validation: np.ndarray, test: np.ndarray, seed: int,
+                          validation: np.ndarray, seed: int,
                           criterion: Callable[[torch.Tensor, torch.Tensor], float]) -> tuple[dict, torch.nn.Module]:
     """Fit the decoder on labelled slices, selecting the epoch by `criterion(validation logits, labels)` (higher is
-    better); the fit record carries each test subject's predicted mask on its input grid (through the segmentation
-    pipeline users run), scored by the evaluation stage."""
+    better); return the fit's record and the fitted head. The test split is not seen here: the evaluation stage
+    predicts its volumes through the segmentation pipeline users run."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    processor = copy.deepcopy(backbone.processor)
-    processor.num_slices = None  # every non-empty slice, so masks map back exactly
+    processor = segmentation_processor(backbone)
     model = _segmentation_model(backbone, config)
     device = backbone.device
     train_pixels, train_labels = _training_slices(processor, samples, train, rng)
@@ -86,12 +92,4 @@ def fit_segmentation_head(backbone: Backbone, samples: list[Sample], config: Hea
     fit = fit_head(model, inputs_of, train_labels, validate, config, seed)
     fit["train_seconds"] = time.perf_counter() - started
     fit["train_slices"] = int(len(train_labels))
-    # test volumes go through the segmentation pipeline: the same code path users run, mask on the input grid
-    from braindino.pipelines import BrainTumorSegmentationPipeline
-
-    segment = BrainTumorSegmentationPipeline(model=model, image_processor=processor, task="brain-tumor-segmentation",
-                                             device=device)
-    fit["test_masks"] = [segment(dict(zip(config.inputs, samples[index].inputs)),
-                                 slice_batch_size=config.slice_batch_size)["mask"] for index in test]
-    fit["test_subjects"] = [samples[index].name for index in test]
     return fit, model

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -30,7 +31,6 @@ def _atomic_json(path: Path, values: dict) -> None:
 def _gather(accelerator, value: dict) -> list[dict]:
     if accelerator.num_processes == 1:
         return [value]
-    import torch.distributed as dist
 
     values = [None] * accelerator.num_processes
     dist.all_gather_object(values, value)

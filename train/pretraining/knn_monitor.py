@@ -2,9 +2,8 @@
 
 Every `knn_every` iterations the EMA teacher's backbone embeds each monitor volume (the paper's subject
 embedding: mean CLS token over resampled axial slices), and a cosine k-NN classifier is scored by
-cross-validation grouped by subject (balanced accuracy, scikit-learn). The volumes are read and normalised once.
-Distances are float64: early in a run from DINOv3's LayerScale 1e-5 the embeddings' cosine distances are ~1e-8,
-below float32's resolution of 1 - cos.
+cross-validation grouped by subject (balanced accuracy, scikit-learn; float64 distances, `cosine_knn_predict`). The
+volumes are read and normalised once.
 """
 
 from __future__ import annotations
@@ -14,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GroupKFold
 
-from braindino import BrainDinoImageProcessor, BrainDinoModel
+from braindino import BrainDinoImageProcessor, BrainDinoModel, subject_embedding
+from braindino.train.encoding.neighbours import cosine_knn_predict
 
 
 class KnnMonitor:
@@ -35,17 +37,14 @@ class KnnMonitor:
 
     @torch.no_grad()  # not inference_mode: FSDP2's all-gathers write into parameters
     def __call__(self, backbone: BrainDinoModel) -> float:
-        from sklearn.metrics import balanced_accuracy_score
-        from sklearn.model_selection import GroupKFold, cross_val_predict
-        from sklearn.neighbors import KNeighborsClassifier
-
         was_training = backbone.training
         backbone.eval()
-        embeddings = np.stack([backbone.encode_slices(pixel_values).cls_tokens.mean(dim=0).double().cpu().numpy()
+        embeddings = np.stack([subject_embedding(backbone.encode_slices(pixel_values).cls_tokens).double().cpu().numpy()
                                for pixel_values in self.pixel_values])
         backbone.train(was_training)
         folds = list(GroupKFold(n_splits=min(5, len(set(self.groups)))).split(embeddings, groups=self.groups))
         k = min(self.k, min(len(train) for train, _ in folds))  # a fold cannot ask for more neighbours than it has
-        neighbours = KNeighborsClassifier(n_neighbors=k, metric="cosine")
-        predicted = cross_val_predict(neighbours, embeddings, self.targets, cv=folds)
+        predicted = np.empty_like(self.targets)
+        for train, test in folds:
+            predicted[test] = cosine_knn_predict(embeddings, self.targets, train, test, k)
         return float(balanced_accuracy_score(self.targets, predicted))

@@ -19,17 +19,34 @@ import uuid
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from braindino import BrainDinoForPreTraining, BrainDinoImageProcessor
 from braindino.precision import hardware_name, resolve_device, resolve_dtype
-from braindino.train.data.multicrop import MultiCropCollator, MultiCropConfig, decode_slices
-from braindino.train.data.stream import ResumableRowBatches, read_manifest
+from braindino.train.data.multicrop import (
+    MultiCropCollator,
+    MultiCropConfig,
+    decode_slices,
+)
+from braindino.train.data.stream import ResumableRowBatches, derived_seed, read_manifest
 from braindino.train.pretraining.accumulation import split_micro_batches
-from braindino.train.pretraining.checkpoints import load_latest_checkpoint, save_checkpoint
+from braindino.train.pretraining.checkpoints import (
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+from braindino.train.pretraining.knn_monitor import KnnMonitor
 from braindino.train.pretraining.param_groups import parameter_groups
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.pretraining.schedules import Schedules, build_schedules
-from braindino.train.pretraining.self_distillation import SelfDistillation, build_student
+from braindino.train.pretraining.self_distillation import (
+    SelfDistillation,
+    build_student,
+)
 from braindino.train.pretraining.sharding import (
     full_state_dict,
     gradient_sync,
@@ -38,6 +55,7 @@ from braindino.train.pretraining.sharding import (
     shard_networks,
     start_single_process_group,
 )
+from braindino.train.release.cards import backbone_card
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +67,7 @@ def make_batch(collator: MultiCropCollator, slices: torch.Tensor, seed: int, ran
                device) -> dict:
     """Multi-crop views for one step, built on `device` from the loader's float16 slices; their randomness depends only
     on (seed, rank, iteration): a generator on the device, and the iBOT masks' own seed on the host."""
-    step_seed = hash((seed, rank, iteration)) % (2**63)
+    step_seed = derived_seed(seed, rank, iteration)
     generator = torch.Generator(device=device).manual_seed(step_seed)
     slices = slices.to(device, non_blocking=True).float()
     return collator.crops(slices, generator, mask_seed=step_seed % (2**32))
@@ -122,10 +140,6 @@ def autocast_precision(setting: str) -> str:
 
 
 def _accelerator(config: PretrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
-
     if not torch.distributed.is_initialized():
         # Accelerate keeps the first Accelerator's precision in a process-wide singleton and refuses any other, so
         # a second run in one process (a notebook, a sweep, a test) would fail; each single-process run sets its own.
@@ -243,25 +257,12 @@ class RunLog:
 
 def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
     """Train; return a summary. With `resume`, continue from the newest complete checkpoint in `output_dir`."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     config = dataclasses.replace(config, sharding=launcher_sharding(config.sharding))
     read_manifest(config.corpus)  # a missing corpus stops the run before it writes anything
     accelerator = _accelerator(config)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     _start_run(accelerator, config)
-    set_seed(config.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-    with accelerator.main_process_first():  # one download of --init-from, then every rank reads the local copy
-        student = build_student(config)
-    if config.gradient_checkpointing:
-        student.activation_checkpointing_enable()
-    model = SelfDistillation(student, config)
-    if config.compile:
-        model.compile_backbones()
-    model, optimizer = distribute(accelerator, model, config)
-    set_seed(config.seed, device_specific=True)  # each rank its own drop-path and RoPE jitter
+    model, optimizer = _distributed_model(accelerator, config)
     rows_per_step = config.batch_size * config.gradient_accumulation_steps
     schedules = build_schedules(config, rows_per_step * world_size)
     start, position = load_latest_checkpoint(accelerator, config.output_dir, model, optimizer) if resume else (0, None)
@@ -308,6 +309,22 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> dict:
         summary["backbone"] = str(backbone)
     accelerator.end_training()
     return summary
+
+
+def _distributed_model(accelerator, config: PretrainConfig) -> tuple[SelfDistillation, torch.optim.Optimizer]:
+    """The self-distillation model with the same initial weights on every rank (FSDP2 does not broadcast them), and
+    its optimiser, distributed; then each rank its own drop-path and RoPE randomness."""
+    set_seed(config.seed)
+    with accelerator.main_process_first():  # one download of --init-from, then every rank reads the local copy
+        student = build_student(config)
+    if config.gradient_checkpointing:
+        student.activation_checkpointing_enable()
+    model = SelfDistillation(student, config)
+    if config.compile:
+        model.compile_backbones()
+    model, optimizer = distribute(accelerator, model, config)
+    set_seed(config.seed, device_specific=True)
+    return model, optimizer
 
 
 def distribute(accelerator, model: SelfDistillation, config: PretrainConfig):
@@ -359,7 +376,6 @@ def _knn_monitor(config: PretrainConfig):
     """On every rank: under FSDP2 the teacher's forward is a collective (the score is the same on all of them)."""
     if not config.knn_labels:
         return None
-    from braindino.train.pretraining.knn_monitor import KnnMonitor
 
     return KnnMonitor(config.knn_labels, config.knn_image_column, config.knn_target, config.global_crop_size)
 
@@ -368,8 +384,6 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     """`final/student`, `final/teacher` (with the DINO/iBOT heads, for continued pretraining) and `final/backbone`:
     the EMA teacher's `BrainDinoModel` with its processor and a model card generated from this run. Every rank calls
     it (sharded weights are gathered); the main process writes."""
-    from braindino import BrainDinoForPreTraining, BrainDinoImageProcessor
-    from braindino.train.release.cards import backbone_card
 
     final = Path(config.output_dir) / "final"
     states = {name: full_state_dict(getattr(model, name)) for name in ("student", "teacher")}
@@ -388,6 +402,7 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     losses = [record["loss"] for record in read_metrics(config.output_dir) if record["loss"] is not None]
     run = {
         "recipe": dataclasses.asdict(config),
+        "loss_terms": config.trained_loss_terms(),
         "model_config": teacher.config.to_dict(),
         "manifest": read_manifest(config.corpus),
         "iterations": summary["iterations"],

@@ -23,7 +23,7 @@ def accelerate_config_path(name: str) -> Path:
 
 @dataclass
 class PretrainConfig:
-    """A pretraining recipe. Defaults are DINOv3's published ones unless noted; recipes in `train/configs/`."""
+    """A pretraining recipe. Defaults are DINOv3's published ones unless noted; recipes in `train/pretraining/configs/`."""
 
     corpus: str = ""
     output_dir: str = "outputs/pretrain"

@@ -14,8 +14,21 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from braindino import BrainDinoConfig, BrainDinoForPreTraining
-from braindino.train.pretraining.losses import DinoClsTokenLoss, GramLoss, IBotPatchLoss, KoLeoLoss, SoftmaxCentering, resize_patch_grid, sinkhorn_knopp
+from braindino import (
+    BrainDinoConfig,
+    BrainDinoForPreTraining,
+    braindino_from_dinov2,
+    braindino_from_dinov3,
+)
+from braindino.train.pretraining.losses import (
+    DinoClsTokenLoss,
+    GramLoss,
+    IBotPatchLoss,
+    KoLeoLoss,
+    SoftmaxCentering,
+    resize_patch_grid,
+    sinkhorn_knopp,
+)
 from braindino.train.pretraining.recipe import PretrainConfig
 from braindino.train.pretraining.sharding import reshard
 
@@ -30,7 +43,6 @@ def build_student(config: PretrainConfig) -> BrainDinoForPreTraining:
     model_config = BrainDinoConfig.from_preset(config.preset, **config.model_overrides)
     if not config.init_from:
         return BrainDinoForPreTraining(model_config)
-    from braindino import braindino_from_dinov2, braindino_from_dinov3
 
     convert = {"dinov3": braindino_from_dinov3, "dinov2": braindino_from_dinov2}[config.init_format]
     backbone = convert(config.init_from, **config.model_overrides)
@@ -49,8 +61,8 @@ class SelfDistillation(nn.Module):
       global_scale * global term + local_scale * local term with global_scale = G (G - 1) / (G (G - 1) + G L) and
       local_scale = G L / (G (G - 1) + G L) (G = 2 global crops, L local crops);
     - ibot: summed over masked patches (each 1 / masked patches of its image), divided by all G * B global crops;
-    - koleo: the mean over the G global crops of each crop's KoLeo over the batch, scaled by `KOLEO_SCALE` = G
-      (DINOv3's `koleo_scale`), i.e. the sum over the global crops;
+    - koleo: the mean over the G global crops of each crop's KoLeo over the batch, scaled by G (the number of
+      global crops, DINOv3's `koleo_scale`), i.e. the sum over the global crops;
     - gram: weighted by w_gram alone.
     """
 

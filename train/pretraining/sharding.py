@@ -20,6 +20,11 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 SHARDINGS = ("ddp", "fsdp2")
 
@@ -47,7 +52,6 @@ def start_single_process_group() -> None:
 
 def shard_networks(networks: list[nn.Module]) -> None:
     """`fully_shard` every block, every backbone and every root of `networks` (BrainDINO pretraining models)."""
-    from torch.distributed.fsdp import fully_shard
 
     # FSDP2 warns that a module returning a view loses its pre-backward hook to an in-place op on that view; the
     # losses use none (FSDP2's steps equal DDP's: tests/test_pretrain.py), so the warning would only be noise.
@@ -60,8 +64,6 @@ def shard_networks(networks: list[nn.Module]) -> None:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(child, FSDPModule) for child in module.modules())
 
 
@@ -69,7 +71,6 @@ def reshard(module: nn.Module) -> None:
     """Every FSDP2 unit under `module` back to its shards. A root unit keeps its parameters whole after a forward
     (for the backward that follows), so a teacher's root, which has no backward, would stay whole: the EMA update
     needs the shard of each teacher parameter against the student's shard."""
-    from torch.distributed.fsdp import FSDPModule
 
     for child in module.modules():
         if isinstance(child, FSDPModule):
@@ -96,7 +97,6 @@ def gradient_sync(model: nn.Module, accelerator, enabled: bool):
 def full_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """`network`'s whole state dict on the CPU of the main process (an empty dict on the others): gathered from its
     shards, a collective every rank calls, or simply copied where it is not sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not is_sharded(network):
         return {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}

@@ -9,7 +9,6 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from braindino.pipelines import HEAD_TASKS, carries_pipeline_code
-from braindino.train.pretraining.recipe import PretrainConfig
 
 # The package is not on PyPI yet: the install line every card shows must be one that works.
 INSTALL = ("Install the package from a checkout of the BrainDINO repository (it is not on PyPI yet): "
@@ -93,32 +92,38 @@ def _head_compute(results: dict, exported: dict) -> str:
             f"epochs in {exported['train_seconds']:.1f} s from the feature cache.")
 
 
-def head_card(results: dict, model_id: str = "path/to/this/folder", pipeline_code: bool = False) -> ModelCard:
-    """The card of an exported head; every number comes from `results` (the `train-head` results JSON).
-    `pipeline_code`: whether the folder carries the pipeline code (`custom_pipelines`), which decides how to call it."""
+def _head_card_data(results: dict, model_name: str) -> ModelCardData:
+    """The card's metadata: tags, licence, base model, and the largest label fraction's scores as Hub eval results."""
     served = HEAD_TASKS[results["task"]]
-    pipeline_task, model_class, auto_class = served.name, served.model_class.__name__, served.auto_class.__name__
     largest = max(results["summary"], key=float)
     dataset = "BrainDINO synthetic corpus (SYNTHETIC)" if results["synthetic_data"] else Path(results["labels"]).parent.name
     hub_task = served.hub_task
     eval_results = [
-        EvalResult(task_type=hub_task, task_name=pipeline_task,
+        EvalResult(task_type=hub_task, task_name=served.name,
                    dataset_type="braindino-synthetic" if results["synthetic_data"] else "custom",
                    dataset_name=dataset, metric_type=name, metric_value=round(values["mean"], 4),
                    metric_name=f"{name} ({float(largest):.0%} of labels, mean of {values['n']} runs)")
         for name, values in results["summary"][largest].items()
         if name in TABLE_METRICS and values["n"] > 0
     ]
-    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"], pipeline_task]
+    tags = ["braindino", "brain-mri", "medical-imaging", "nifti", "frozen-backbone", results["task"], served.name]
     if hub_task == "other":  # the Hub has no image-regression task: regression and survival heads carry a tag
         tags.append("regression")
     if results["synthetic_data"]:
         tags.append("synthetic-data")
-    model_name = f"BrainDINO {results['task']} head: {results['target']}"
     base_model = hub_model_id(results["config"].get("backbone"))
-    card_data = ModelCardData(library_name="transformers", tags=tags, model_name=model_name, pipeline_tag=hub_task,
-                              eval_results=eval_results, **({"base_model": base_model} if base_model else {}),
-                              **backbone_license(results["config"].get("backbone")))
+    return ModelCardData(library_name="transformers", tags=tags, model_name=model_name, pipeline_tag=hub_task,
+                         eval_results=eval_results, **({"base_model": base_model} if base_model else {}),
+                         **backbone_license(results["config"].get("backbone")))
+
+
+def head_card(results: dict, model_id: str = "path/to/this/folder", pipeline_code: bool = False) -> ModelCard:
+    """The card of an exported head; every number comes from `results` (the `train-head` results JSON).
+    `pipeline_code`: whether the folder carries the pipeline code (`custom_pipelines`), which decides how to call it."""
+    served = HEAD_TASKS[results["task"]]
+    pipeline_task, model_class, auto_class = served.name, served.model_class.__name__, served.auto_class.__name__
+    model_name = f"BrainDINO {results['task']} head: {results['target']}"
+    card_data = _head_card_data(results, model_name)
     runs = results["runs"]
     exported = next((run for run in runs if results["exported_model"] and
                      f"fraction{run['label_fraction']:g}-fold{run['fold']}-seed{run['seed']}" == results["exported_model"]["run"]), runs[0])
@@ -179,11 +184,10 @@ def _time_limit_note(run: dict) -> str:
             f"{recipe['iterations']})")
 
 
-def _loss_terms(recipe: dict) -> str:
-    """The loss terms the recipe trains, with their weights; a term at weight 0 was not trained and is not named."""
-    details = {"DINO": f" (CLS, {recipe['centering'].replace('_', '-')} centring)", "iBOT": " (masked patches)"}
-    return " + ".join(f"{name}{details.get(name, '')} × {weight:g}"
-                      for name, weight in PretrainConfig(**recipe).trained_loss_terms().items())
+def _loss_terms(run: dict) -> str:
+    """The loss terms the run trained (`run["loss_terms"]`: name → weight, none at weight 0), with their weights."""
+    details = {"DINO": f" (CLS, {run['recipe']['centering'].replace('_', '-')} centring)", "iBOT": " (masked patches)"}
+    return " + ".join(f"{name}{details.get(name, '')} × {weight:g}" for name, weight in run["loss_terms"].items())
 
 
 def _augmentation(recipe: dict) -> str:
@@ -192,8 +196,8 @@ def _augmentation(recipe: dict) -> str:
 
 
 def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard:
-    """The card of a pretrained backbone, from a pretraining run's facts (`run`: the recipe, the model config, the
-    iterations, minutes and processes, the losses, the corpus manifest)."""
+    """The card of a pretrained backbone, from a pretraining run's facts (`run`: the recipe as a dict, the loss terms
+    it trained, the model config, the iterations, minutes and processes, the losses, the corpus manifest)."""
     recipe, model_config, manifest = run["recipe"], run["model_config"], run["manifest"]
     synthetic = bool(manifest.get("synthetic_sources")) and set(manifest["synthetic_sources"]) >= set(manifest["sources"])
     init = recipe.get("init_from")
@@ -231,7 +235,7 @@ def backbone_card(run: dict, model_id: str = "path/to/this/folder") -> ModelCard
                       f"{model_config['num_register_tokens']} registers, 2D RoPE (base {model_config['rope_theta']:g}), "
                       f"LayerScale {model_config['layerscale_value']:g}, {model_config['num_channels']} input channels "
                       "(the grey slice repeated), z-scored intensities."),
-        pretraining=(f"{_loss_terms(recipe)}; {_augmentation(recipe)}; {run['iterations']} iterations"
+        pretraining=(f"{_loss_terms(run)}; {_augmentation(recipe)}; {run['iterations']} iterations"
                      f"{_time_limit_note(run)} in "
                      f"{run['minutes']:.1f} min on {run['processes']} process(es) ({run['device']}), batch "
                      f"{recipe['batch_size']} per process, 2 global crops of {recipe['global_crop_size']} px + "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import HfApi
+
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` in one commit through `huggingface_hub`; return the commit
     URL. The folder must be a complete `save_pretrained` folder with its model card (`README.md`)."""
-    from huggingface_hub import HfApi
-
     folder = Path(folder)
     missing = [name for name in ("config.json", "model.safetensors", "README.md") if not (folder / name).exists()]
     if missing:
