@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from braindino.train.evaluation.protocol import EvaluationConfig, head_training_config, backbone_name, run_evaluation
+from braindino.train.data.synthetic import write_synthetic_corpus
 from braindino.train.encoding.backbones import load_backbone
 from braindino.train.encoding.feature_cache import FeatureCache
+from braindino.train.evaluation.protocol import EvaluationConfig, backbone_name, head_training_config, run_evaluation
+from braindino.train.heads.config import HeadTrainingConfig
 from braindino.train.heads.samples import read_samples
-from braindino.train.data.synthetic import write_synthetic_corpus
 
 
 def main() -> None:
@@ -35,9 +36,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         write_synthetic_corpus(scratch / "synthetic", args.subjects, seed=1, workers=2, first_index=1000)
-        config = EvaluationConfig(task="classification", labels=str(scratch / "synthetic" / "sequences.csv"),
-                                  inputs=["image"], target="contrast", backbones=backbones, num_slices=args.num_slices,
-                                  size=args.size, output_dir=str(scratch / "evaluate"))
+        heads = HeadTrainingConfig(task="classification", labels=str(scratch / "synthetic" / "sequences.csv"),
+                                   inputs=["image"], target="contrast", num_slices=args.num_slices, size=args.size)
+        config = EvaluationConfig(heads=heads, backbones=backbones, output_dir=str(scratch / "evaluate"))
         encode_seconds, volumes = 0.0, 0
         for spec in backbones:
             head_config = head_training_config(config, spec, scratch / "evaluate")

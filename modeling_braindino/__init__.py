@@ -32,7 +32,7 @@ from .modeling_braindino import (
     subject_embedding,
 )
 from .pipelines import register_pipelines
-from .volume_io import BrainDinoInputError, BrainVolume, load_volume
+from .volume_io import BrainDinoInputError, BrainVolume, SkullCheck, check_skull_stripped, load_volume
 
 __version__ = "0.1.0"
 
@@ -83,9 +83,11 @@ __all__ = [
     "BrainDinoSliceEmbeddings",
     "BrainDinoVolumeOutput",
     "BrainVolume",
+    "SkullCheck",
     "SliceGeometry",
     "braindino_from_dinov2",
     "braindino_from_dinov3",
+    "check_skull_stripped",
     "cox_partial_likelihood_loss",
     "load_volume",
     "subject_embedding",

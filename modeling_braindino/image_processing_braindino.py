@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .volume_io import DEFAULT_MAX_VOXELS, BrainDinoInputError, VolumeSource, load_volume
+from .volume_io import (
+    DEFAULT_MAX_VOXELS,
+    BrainDinoInputError,
+    SkullCheck,
+    VolumeSource,
+    check_skull_stripped,
+    load_volume,
+)
 
 RAS_ORIENTATION = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
@@ -43,6 +50,8 @@ class SliceGeometry:
     pad_offset: tuple[int, int]
     canvas_shape: tuple[int, int]
     non_finite_voxels: int = 0  # NaN/Inf voxels of the input, read as background
+    foreground_ml: float | None = None  # `SkullCheck` measures of the input (of the contrasts' union for several)
+    border_signal: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +60,13 @@ class SliceGeometry:
     def from_dict(cls, values: dict) -> "SliceGeometry":
         tuples = ("input_shape", "resized_shape", "pad_offset", "canvas_shape")
         return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
+
+    @property
+    def skull_check(self) -> SkullCheck | None:
+        """Whether the input looked skull-stripped with a zero background (None for a geometry saved without it)."""
+        if self.foreground_ml is None or self.border_signal is None:
+            return None
+        return SkullCheck(foreground_ml=self.foreground_ml, border_signal=self.border_signal)
 
     @property
     def to_ras(self) -> np.ndarray:
@@ -158,6 +174,7 @@ class BrainDinoImageProcessor(BaseImageProcessor):
             min(self.size, max(1, int(round(col_mm / pixel_mm)))),
         )
         offset = ((self.size - resized[0]) // 2, (self.size - resized[1]) // 2)
+        skull_check = check_skull_stripped(ras_data, ras_zooms)
         return SliceGeometry(
             source=name,
             input_shape=tuple(int(size) for size in input_shape),
@@ -166,6 +183,8 @@ class BrainDinoImageProcessor(BaseImageProcessor):
             resized_shape=resized,
             pad_offset=offset,
             canvas_shape=(self.size, self.size),
+            foreground_ml=skull_check.foreground_ml,
+            border_signal=skull_check.border_signal,
         )
 
     def _ras_to_canvas(self, ras_data: np.ndarray, geometry: SliceGeometry, mode: str) -> torch.Tensor:

@@ -28,6 +28,18 @@ MIN_IN_PLANE_VOXELS = 16
 # Non-finite voxels are background (SPM/FSL write NaN outside the brain); inside the foreground (enclosed by it
 # along every axis) more than this share of the foreground's voxel count makes the volume unusable.
 MAX_NON_FINITE_INSIDE_FOREGROUND = 0.01
+# Is this a skull-stripped, background-zeroed brain (what the heads are trained on)? Two measures on a copy at about
+# CHECK_VOXEL_MM (docs/inputs.md has the scans they were measured on): the foreground's volume, holes filled (a brain
+# with its CSF is 1,100-2,000 ml; the MNI152 brain 1,887 ml; a head with skull, face and neck 3,500-4,500 ml; a
+# foreground voxel is over FOREGROUND_LEVEL of the 99th percentile), and the share of the field of view's outer faces
+# carrying signal (over BORDER_LEVEL of that percentile; a stripped brain's background is zero, a raw scan's is noise).
+CHECK_VOXEL_MM = 3.0
+FOREGROUND_LEVEL = 0.1
+BORDER_LEVEL = 0.01
+MAX_STRIPPED_FOREGROUND_ML = 2800.0
+MAX_STRIPPED_BORDER_SIGNAL = 0.5
+SKULL_STRIP_REMEDY = ("The heads were trained on skull-stripped scans with a zero background, so predictions may be "
+                      "off; skull-strip it first (--skull-strip, with pip install \"braindino[brain-extraction]\").")
 
 
 class BrainDinoInputError(ValueError):
@@ -123,6 +135,44 @@ def _inside(foreground: np.ndarray) -> np.ndarray:
         after = np.flip(np.maximum.accumulate(np.flip(foreground, axis=axis), axis=axis), axis=axis)
         enclosed &= before & after
     return enclosed
+
+
+@dataclass(frozen=True)
+class SkullCheck:
+    """Whether a volume looks skull-stripped and background-zeroed (`check_skull_stripped`); the heads say nothing
+    about other inputs, and `warning` says why and what to do."""
+
+    foreground_ml: float  # the foreground's volume, holes inside it filled
+    border_signal: float  # share of the field of view's outer faces carrying signal
+
+    @property
+    def skull_stripped(self) -> bool:
+        return self.foreground_ml <= MAX_STRIPPED_FOREGROUND_ML and self.border_signal <= MAX_STRIPPED_BORDER_SIGNAL
+
+    def warning(self, name: str) -> str | None:
+        """One sentence naming the input and the problem, or None for a skull-stripped volume."""
+        problems = []
+        if self.foreground_ml > MAX_STRIPPED_FOREGROUND_ML:
+            problems.append(f"its foreground measures {self.foreground_ml:,.0f} ml, more than a brain's "
+                            f"{MAX_STRIPPED_FOREGROUND_ML:,.0f} ml at most, so skull, face or neck are in it")
+        if self.border_signal > MAX_STRIPPED_BORDER_SIGNAL:
+            problems.append(f"{self.border_signal:.0%} of the field of view's edge carries signal, so the background "
+                            "was not removed")
+        return f"{name}: does not look skull-stripped: {'; '.join(problems)}. {SKULL_STRIP_REMEDY}" if problems else None
+
+
+def check_skull_stripped(data: np.ndarray, zooms) -> SkullCheck:
+    """Measure whether a finite 3D volume (voxel sizes `zooms` in mm) looks skull-stripped with a zero background."""
+    steps = [max(1, int(round(CHECK_VOXEL_MM / float(zoom)))) for zoom in zooms]
+    coarse = np.abs(data[:: steps[0], :: steps[1], :: steps[2]])
+    level = float(np.percentile(coarse[coarse > 0], 99)) if coarse.any() else 0.0
+    foreground = coarse > FOREGROUND_LEVEL * level
+    filled = foreground | _inside(foreground)
+    voxel_ml = float(np.prod([float(zoom) * step for zoom, step in zip(zooms, steps)])) / 1000.0
+    faces = [np.take(coarse, index, axis=axis) for axis in range(3) for index in (0, -1)]
+    edge = np.concatenate([face.ravel() for face in faces])
+    return SkullCheck(foreground_ml=round(float(filled.sum()) * voxel_ml, 1),
+                      border_signal=round(float((edge > BORDER_LEVEL * level).mean()), 3))
 
 
 def _check_values(data: np.ndarray, name: str) -> int:

@@ -7,23 +7,44 @@ the image processor's job; the model is used through its documented forward.
 
 Inputs, for every task: a path, a `nibabel` image, an array with `affine=...` (or an `(array, affine)` tuple),
 a dict of contrasts (`{"t1": ..., "flair": ...}`) for multi-contrast heads, or a list of any of these.
+Every result says what the processor's input checks found: `skull_stripped` (the heads were trained on
+skull-stripped scans with a zero background), `warnings` with the remedy when not, and `non_finite_voxels`.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from transformers import Pipeline
+
+logger = logging.getLogger(__name__)
 
 # BraTS regions as label sets, reported in millilitres when the head's labels are the BraTS ones.
 BRATS_REGIONS = {"whole_tumor": (1, 2, 3), "tumor_core": (1, 3), "enhancing_tumor": (3,)}
 BRATS_LABEL_NAMES = ["background", "necrotic_core", "edema", "enhancing_tumor"]
 
 
-def with_non_finite_count(result: dict, geometry) -> dict:
-    """Say in the result how many NaN/Inf voxels of the input were read as background (only when there were any)."""
-    count = getattr(geometry, "non_finite_voxels", 0)
-    return {**result, "non_finite_voxels": int(count)} if count else result
+def input_checks(geometry) -> dict:
+    """What the processor's checks found in the input: NaN/Inf voxels read as background (only when there were any),
+    whether it looked skull-stripped with a zero background (`SliceGeometry.skull_check`), and the warning if not."""
+    checks = {}
+    if getattr(geometry, "non_finite_voxels", 0):
+        checks["non_finite_voxels"] = int(geometry.non_finite_voxels)
+    skull_check = getattr(geometry, "skull_check", None)
+    if skull_check is not None:
+        checks["skull_stripped"] = skull_check.skull_stripped
+        if not skull_check.skull_stripped:
+            checks["warnings"] = [skull_check.warning(geometry.source)]
+    return checks
+
+
+def _logged(geometry):
+    """Log the input checks' warnings (once per input, as the pipeline reads it) and hand the geometry on."""
+    for warning in input_checks(geometry).get("warnings", []):
+        logger.warning(warning)
+    return geometry
 
 
 class BrainMRIPipeline(Pipeline):
@@ -55,13 +76,17 @@ class BrainMRIPipeline(Pipeline):
                 pixel_values, geometry = self.image_processor.preprocess_volume(sources[0], affine=affine)
             else:
                 pixel_values, geometry = self.image_processor.preprocess_contrasts(dict(enumerate(sources)), affine=affine)
-            return {"pixel_values": pixel_values, "geometry": geometry}  # [S, C or M, H, W]
+            return {"pixel_values": pixel_values, "geometry": _logged(geometry)}  # [S, C or M, H, W]
         # grey slices (S, H, W): the backbone repeats them to its channels per batch, a third of the memory
         processed = [self.image_processor.preprocess_volume_slices(source, affine=affine) for source in sources]
         if len({pixel_values.shape[0] for pixel_values, _ in processed}) > 1:
             names = ", ".join(geometry.source for _, geometry in processed)
             raise ValueError(f"{names}: contrasts give different slice counts; the processor needs num_slices (e.g. 128)")
-        return {"contrast_slices": [pixel_values for pixel_values, _ in processed], "geometry": processed[0][1]}
+        geometry = processed[0][1]
+        for _, other in processed[1:]:  # a multi-contrast subject: the worst of its contrasts
+            if not input_checks(other).get("skull_stripped", True):
+                geometry = other
+        return {"contrast_slices": [pixel_values for pixel_values, _ in processed], "geometry": _logged(geometry)}
 
     def _slice_embeddings(self, contrast_slices: list[torch.Tensor], slice_batch_size: int) -> list[torch.Tensor]:
         """Per-contrast CLS tokens `(S, D)` from the (frozen) backbone, `slice_batch_size` slices at a time."""
@@ -88,8 +113,8 @@ class BrainMRIScorePipeline(BrainMRIPipeline):
                 "geometry": model_inputs["geometry"]}
 
     def postprocess(self, model_outputs: dict) -> dict:
-        return with_non_finite_count({self.output_key: round(float(model_outputs["value"]), self.decimals),
-                                      "num_slices": int(model_outputs["num_slices"])}, model_outputs["geometry"])
+        return {self.output_key: round(float(model_outputs["value"]), self.decimals),
+                "num_slices": int(model_outputs["num_slices"]), **input_checks(model_outputs["geometry"])}
 
 
 class BrainAgePipeline(BrainMRIScorePipeline):
@@ -106,21 +131,27 @@ class BrainSurvivalPipeline(BrainMRIScorePipeline):
 
 
 class BrainMRIClassificationPipeline(BrainMRIPipeline):
-    """`pipeline("brain-mri-classification")`: labels with scores, best first (`top_k` to keep fewer)."""
+    """`pipeline("brain-mri-classification")`: labels with scores, best first (`top_k` to keep fewer), a list as
+    transformers' classification pipelines return; `return_input_checks=True` returns `{"labels": [...], **checks}`
+    with the input checks the other tasks put in their results."""
 
-    def _sanitize_parameters(self, top_k: int | None = None, **kwargs):
+    def _sanitize_parameters(self, top_k: int | None = None, return_input_checks: bool | None = None, **kwargs):
         preprocess, forward, _ = super()._sanitize_parameters(**kwargs)
-        return preprocess, forward, {} if top_k is None else {"top_k": top_k}
+        postprocess = {} if top_k is None else {"top_k": top_k}
+        if return_input_checks is not None:
+            postprocess["return_input_checks"] = return_input_checks
+        return preprocess, forward, postprocess
 
     def _forward(self, model_inputs: dict, slice_batch_size: int = 32) -> dict:
         output = self._head_output(model_inputs["contrast_slices"], slice_batch_size)
-        return {"logits": output.logits[0].float()}
+        return {"logits": output.logits[0].float(), "geometry": model_inputs["geometry"]}
 
-    def postprocess(self, model_outputs: dict, top_k: int | None = None) -> list[dict]:
-        if self.model.config.problem_type == "multi_label_classification":
-            scores = model_outputs["logits"].sigmoid()
-        else:
-            scores = model_outputs["logits"].softmax(dim=-1)
+    def postprocess(self, model_outputs: dict, top_k: int | None = None, return_input_checks: bool = False):
+        ranked = self._ranked(model_outputs["logits"], top_k)
+        return {"labels": ranked, **input_checks(model_outputs["geometry"])} if return_input_checks else ranked
+
+    def _ranked(self, logits: torch.Tensor, top_k: int | None) -> list[dict]:
+        scores = logits.sigmoid() if self.model.config.problem_type == "multi_label_classification" else logits.softmax(dim=-1)
         ranked = [{"label": self.model.config.id2label[index], "score": round(float(scores[index]), 4)}
                   for index in scores.argsort(descending=True).tolist()]
         return ranked[:top_k] if top_k else ranked
@@ -147,7 +178,7 @@ class BrainMRIFeatureExtractionPipeline(BrainMRIPipeline):
         }
         if return_slice_embeddings:
             result["slice_embeddings"] = per_contrast[0].numpy() if len(per_contrast) == 1 else [e.numpy() for e in per_contrast]
-        return with_non_finite_count(result, model_outputs["geometry"])
+        return {**result, **input_checks(model_outputs["geometry"])}
 
 
 class BrainTumorSegmentationPipeline(BrainMRIPipeline):
@@ -176,4 +207,4 @@ class BrainTumorSegmentationPipeline(BrainMRIPipeline):
         if [id2label[index] for index in sorted(id2label)] == BRATS_LABEL_NAMES:
             volumes.update({region: round(float(np.isin(labels, members).sum() * voxel_ml), 3)
                             for region, members in BRATS_REGIONS.items()})
-        return with_non_finite_count({"mask": mask, "volumes_ml": volumes, "num_slices": len(geometry.slice_indices)}, geometry)
+        return {"mask": mask, "volumes_ml": volumes, "num_slices": len(geometry.slice_indices), **input_checks(geometry)}

@@ -1,16 +1,20 @@
 """`braindino predict`: run a pipeline over NIfTI files, writing one JSON per input (and the mask NIfTI for
-segmentation) beside a progress bar. A bad file is reported and skipped; the others are still predicted."""
+segmentation, the brain mask with `skull_strip`) beside a progress bar. A bad file is reported and skipped; the
+others are still predicted. Each JSON carries the input checks (`skull_stripped`, `warnings`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from braindino import BrainDinoInputError
+from braindino import BrainDinoInputError, load_volume
+from braindino.brain_extraction import apply_brain_mask, extract_brain
 from braindino.pipelines import TASKS, load_pipeline
+from braindino.pipelines.brain_mri import BrainMRIClassificationPipeline
 from braindino.precision import dtype_name, resolve_device, resolve_dtype
 
 
@@ -37,27 +41,43 @@ def _jsonable(value):
     return value
 
 
-def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = "cpu",
-                  dtype: str | None = "float32", slice_batch_size: int = 32) -> dict:
-    """Predict each input (on `device` in `dtype`; "auto" for either: `braindino.precision`); return
-    `{"written": [...], "failed": [{"source", "error"}]}`."""
-    import nibabel as nib
+def _skull_stripped(source: str | dict[str, str], use_gpu: bool, mask_path: Path):
+    """The input with its brain extracted (a dict of contrasts: all masked with the first one's brain, which deepbet
+    finds best on a T1), the mask written to `mask_path`."""
+    first = source if isinstance(source, str) else next(iter(source.values()))
+    brain, mask = extract_brain(first, use_gpu=use_gpu)
+    nib.save(mask, mask_path)
+    if isinstance(source, str):
+        return brain
+    inside = np.asanyarray(mask.dataobj).astype(bool)
+    return {contrast: apply_brain_mask(load_volume(path), inside) for contrast, path in source.items()}
 
+
+def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = "cpu",
+                  dtype: str | None = "float32", slice_batch_size: int = 32, skull_strip: bool = False) -> dict:
+    """Predict each input (on `device` in `dtype`; "auto" for either: `braindino.precision`), brain-extracted first
+    with `skull_strip` (`braindino.brain_extraction`; the mask is written as `NAME_brainmask.nii.gz`); return
+    `{"written": [...], "failed": [{"source", "error"}], "warnings": [...]}` (warnings: the input checks')."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     pipe = load_pipeline(task, model, device=device, dtype=resolve_dtype(dtype, device))
-    summary = {"written": [], "failed": []}
+    options = {"return_input_checks": True} if issubclass(TASKS[task].pipeline_class, BrainMRIClassificationPipeline) else {}
+    summary = {"written": [], "failed": [], "warnings": []}
     for argument in tqdm(inputs, desc=task, unit="volume"):
         source = parse_input(argument)
-        try:
-            result = pipe(source, slice_batch_size=slice_batch_size)
-        except (BrainDinoInputError, ValueError) as error:
-            summary["failed"].append({"source": argument, "error": str(error)})
-            continue
         name = _output_name(source)
         record = {"task": task, "model": model, "source": source, "device": str(device),
                   "dtype": dtype_name(pipe.model.dtype)}
+        try:
+            if skull_strip:
+                record["brain_mask"] = str(out_dir / f"{name}_brainmask.nii.gz")
+                source = _skull_stripped(source, device.type != "cpu", Path(record["brain_mask"]))
+            result = pipe(source, slice_batch_size=slice_batch_size, **options)
+        except (BrainDinoInputError, ValueError) as error:
+            summary["failed"].append({"source": argument, "error": str(error)})
+            continue
+        summary["warnings"].extend(result.get("warnings", []))
         if TASKS[task].returns_mask:
             mask_path = out_dir / f"{name}_seg.nii.gz"
             nib.save(result.pop("mask"), mask_path)

@@ -10,7 +10,8 @@ the CLS token's attention map, both at 448 px (28 x 28 patches; RoPE takes any s
 Device and precision default to `auto` (`braindino.precision`: the GPU if any; bfloat16 where the hardware has it).
 
 Models are local folders or Hub ids; an entry left out (or null) hides nothing but answers that it is not
-configured. Uploads are limited to .nii / .nii.gz files or .zip DICOM series of at most MAX_UPLOAD; a bad file
+configured. A scan that does not look skull-stripped (what the heads were trained on) gets a warning; the
+"skull-strip first" box extracts its brain (deepbet) before every tab reads it. Uploads are limited to .nii / .nii.gz files or .zip DICOM series of at most MAX_UPLOAD; a bad file
 gets a readable message in the page.
 """
 
@@ -27,9 +28,11 @@ import zipfile
 from pathlib import Path
 
 import gradio as gr
+import nibabel as nib
 import numpy as np
 
 from braindino import BrainDinoInputError
+from braindino.brain_extraction import extract_brain
 from braindino.feature_maps import cls_attention_map, patch_pca_rgb
 from braindino.pipelines import SPACE_ENTRIES, load_pipeline
 from braindino.precision import DTYPES, resolve_device, resolve_dtype
@@ -63,11 +66,24 @@ def pipeline_for(entry: str):
     return load_pipeline(SPACE_ENTRIES[entry].name, model, device=device, dtype=resolve_dtype(RUNTIME["dtype"], device))
 
 
-def _path(file) -> str:
+def _path(file, skull_strip: bool = False) -> str:
     if file is None:
         raise gr.Error("Upload a .nii or .nii.gz volume or a .zip of one DICOM series first (or pick the example scan).")
     path = file if isinstance(file, str) else file.name
-    return unpacked_series(path) if path.lower().endswith(".zip") else path
+    path = unpacked_series(path) if path.lower().endswith(".zip") else path
+    return brain_of(path) if skull_strip else path
+
+
+@functools.lru_cache(maxsize=4)
+def brain_of(path: str) -> str:
+    """The scan with its brain extracted (`braindino.brain_extraction`), written beside the upload as NIfTI: every
+    tab then reads it like any other scan."""
+    brain, _ = extract_brain(path, use_gpu=resolve_device(RUNTIME["device"]).type != "cpu")
+    folder = Path(tempfile.mkdtemp(prefix="braindino-brain-"))
+    _UPLOADS[str(folder)] = path
+    target = folder / (Path(path).name.split(".")[0] + "_brain.nii.gz")
+    nib.save(nib.Nifti1Image(brain.data, brain.affine), target)
+    return str(target)
 
 
 _UPLOADS: dict[str, str] = {}  # a folder unpacked from a zip → the uploaded zip
@@ -166,19 +182,22 @@ def _overlay(path: str, index: int, with_mask: bool):
 
 
 @readable_errors
-def load(file):
-    path = _path(file)
+def load(file, skull_strip=False):
+    path = _path(file, skull_strip)
     slices, geometry = display_slices(path)
     middle = len(slices) // 2
     uploaded = Path(file if isinstance(file, str) else file.name).name
-    info = (f"**{uploaded}**: {len(slices)} axial slices (shape {tuple(geometry.input_shape)}); "
-            "research use only — not for clinical decisions.")
+    info = (f"**{uploaded}**{' (brain extracted)' if skull_strip else ''}: {len(slices)} axial slices (shape "
+            f"{tuple(geometry.input_shape)}); research use only — not for clinical decisions.")
+    warning = geometry.skull_check.warning(uploaded) if geometry.skull_check else None
+    if warning:
+        info += f"\n\n**Warning** — {warning} Here: tick *skull-strip first*."
     return gr.update(maximum=len(slices) - 1, value=middle), _overlay(path, middle, False), info
 
 
 @readable_errors
-def view(file, index, show_mask):
-    path = _path(file)
+def view(file, index, show_mask, skull_strip=False):
+    path = _path(file, skull_strip)
     return _overlay(path, int(index), bool(show_mask and CONFIG.get("segmentation") and path in _segmented))
 
 
@@ -186,20 +205,20 @@ _segmented: set[str] = set()
 
 
 @readable_errors
-def brain_age(file, progress=gr.Progress()):
+def brain_age(file, skull_strip=False, progress=gr.Progress()):
     progress(0.1, desc="encoding slices")
-    return pipeline_for("brain_age")(_path(file))
+    return pipeline_for("brain_age")(_path(file, skull_strip))
 
 
 @readable_errors
-def classify(file, progress=gr.Progress()):
+def classify(file, skull_strip=False, progress=gr.Progress()):
     progress(0.1, desc="encoding slices")
-    return {entry["label"]: entry["score"] for entry in pipeline_for("classification")(_path(file))}
+    return {entry["label"]: entry["score"] for entry in pipeline_for("classification")(_path(file, skull_strip))}
 
 
 @readable_errors
-def segment(file, index, progress=gr.Progress()):
-    path = _path(file)
+def segment(file, index, skull_strip=False, progress=gr.Progress()):
+    path = _path(file, skull_strip)
     progress(0.1, desc="segmenting every slice")
     found = segmentation(path)
     _segmented.add(path)
@@ -233,10 +252,10 @@ def _hot(values: np.ndarray) -> np.ndarray:
 
 
 @readable_errors
-def representation(file, index, progress=gr.Progress()):
+def representation(file, index, skull_strip=False, progress=gr.Progress()):
     """The slice's patch features at 448 px: the first three principal components as RGB (fitted on the slice's
     brain patches) and the CLS token's attention (last block, mean over heads, registers excluded), over the slice."""
-    path = _path(file)
+    path = _path(file, skull_strip)
     progress(0.1, desc="patch features at 448 px")
     backbone, slices = representation_slices(path)
     index = int(np.clip(index, 0, len(slices) - 1))
@@ -268,6 +287,7 @@ def build_demo() -> gr.Blocks:
                                  file_types=[".nii", ".gz", ".zip"], type="filepath")
                 example, example_label = example_scan()
                 gr.Examples([[example]], inputs=[volume], label=example_label)
+                skull_strip = gr.Checkbox(value=False, label="skull-strip first (deepbet; for raw scans with skull)")
                 info = gr.Markdown()
                 index = gr.Slider(0, 1, value=0, step=1, label="axial slice")
                 show_mask = gr.Checkbox(value=True, label="overlay the segmentation")
@@ -292,13 +312,15 @@ def build_demo() -> gr.Blocks:
                 attention_output = gr.Image(label="CLS attention, last block (mean over heads)", format="png", height=448,
                                             interactive=False, elem_id="attention-map")
 
-        volume.change(load, [volume], [index, slice_view, info], api_name="load")
-        index.change(view, [volume, index, show_mask], [slice_view], api_name="view")
-        show_mask.change(view, [volume, index, show_mask], [slice_view], api_name=False)
-        age_button.click(brain_age, [volume], [age_output], api_name="brain_age")
-        class_button.click(classify, [volume], [class_output], api_name="classify")
-        segment_button.click(segment, [volume, index], [slice_view, volumes_output, mask_output], api_name="segment")
-        representation_button.click(representation, [volume, index], [pca_output, attention_output],
+        volume.change(load, [volume, skull_strip], [index, slice_view, info], api_name="load")
+        skull_strip.change(load, [volume, skull_strip], [index, slice_view, info], api_name=False)
+        index.change(view, [volume, index, show_mask, skull_strip], [slice_view], api_name="view")
+        show_mask.change(view, [volume, index, show_mask, skull_strip], [slice_view], api_name=False)
+        age_button.click(brain_age, [volume, skull_strip], [age_output], api_name="brain_age")
+        class_button.click(classify, [volume, skull_strip], [class_output], api_name="classify")
+        segment_button.click(segment, [volume, index, skull_strip], [slice_view, volumes_output, mask_output],
+                             api_name="segment")
+        representation_button.click(representation, [volume, index, skull_strip], [pca_output, attention_output],
                                     api_name="representation")
     return demo
 

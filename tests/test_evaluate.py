@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from braindino.train.evaluation.statistics import bootstrap_interval, exact_mcnemar, knn_probe
+from braindino.train.heads.config import HeadTrainingConfig
 
 
 def test_exact_mcnemar_by_hand():
@@ -136,9 +137,10 @@ def test_an_unreadable_volume_is_skipped_by_the_heads_and_the_knn_probe_alike(sy
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = run_evaluation(EvaluationConfig(
-        task="classification", labels=str(labels), inputs=["image"], target="contrast", backbones=["random:tiny"],
-        label_fractions=[1.0], seeds=[0], num_slices=8, size=64, knn_ks=[1], bootstrap=10, output_dir=str(tmp_path / "out")))
+    heads = HeadTrainingConfig(task="classification", labels=str(labels), inputs=["image"], target="contrast",
+                               label_fractions=[1.0], seeds=[0], num_slices=8, size=64)
+    summary = run_evaluation(EvaluationConfig(heads=heads, backbones=["random:tiny"], knn_ks=[1], bootstrap=10,
+                                              output_dir=str(tmp_path / "out")))
     results = json.loads((tmp_path / "out" / "runs" / "random-tiny" / "results.json").read_text())
     assert results["unreadable"] == [str(broken)] and results["samples"] == len(rows) - 1
     assert summary["knn"]["test_cases"] == results["runs"][0]["test"]
@@ -148,11 +150,12 @@ def test_a_random_baseline_in_16_bits_is_flagged(caplog):
     """Random-init volume embeddings differ below bf16's resolution (README: sequence accuracy 0.93 → 0.60)."""
     from braindino.train.evaluation.protocol import EvaluationConfig, _warn_random_baseline_in_16_bits
 
-    config = EvaluationConfig(task="classification", labels="labels.csv", inputs=["image"], target="contrast",
-                              backbones=["outputs/backbone", "random:tiny"], dtype="bfloat16")
+    heads = HeadTrainingConfig(task="classification", labels="labels.csv", inputs=["image"], target="contrast",
+                               dtype="bfloat16")
+    config = EvaluationConfig(heads=heads, backbones=["outputs/backbone", "random:tiny"])
     _warn_random_baseline_in_16_bits(config)
     assert "random-init baselines encoded in bfloat16" in caplog.text
     caplog.clear()
-    config.dtype = "float32"
+    config.heads.dtype = "float32"
     _warn_random_baseline_in_16_bits(config)
     assert not caplog.text

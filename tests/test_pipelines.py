@@ -35,7 +35,8 @@ def subject(synthetic_corpus):
 def test_brain_age_accepts_a_path_an_image_an_array_with_affine_and_a_list(heads, subject):
     predict = pipeline("brain-age", model=str(heads["age"]))
     from_path = predict(subject["t1"])
-    assert set(from_path) == {"age", "num_slices"} and from_path["num_slices"] == 8
+    assert set(from_path) == {"age", "num_slices", "skull_stripped"}
+    assert from_path["skull_stripped"] and from_path["num_slices"] == 8
     image = nib.load(subject["t1"])
     assert predict(image) == from_path
     assert predict(np.asanyarray(image.dataobj), affine=image.affine) == from_path
@@ -50,7 +51,7 @@ def test_each_task_returns_its_result(heads, subject):
     assert sum(entry["score"] for entry in ranked) == pytest.approx(1.0, abs=1e-3)
     assert ranked == sorted(ranked, key=lambda entry: -entry["score"])
     risk = pipeline("brain-survival", model=str(heads["survival"]))({c: subject[c] for c in CONTRASTS})
-    assert set(risk) == {"risk", "num_slices"} and np.isfinite(risk["risk"])
+    assert set(risk) == {"risk", "num_slices", "skull_stripped"} and risk["skull_stripped"] and np.isfinite(risk["risk"])
     features = pipeline("brain-mri-feature-extraction", model=str(heads["backbone"]))(
         subject["t1"], return_slice_embeddings=True)
     assert features["embedding"].shape == (64,) and features["slice_embeddings"].shape == (features["num_slices"], 64)

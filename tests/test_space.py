@@ -90,6 +90,24 @@ def test_every_task_returns_a_sane_result(space, scan, head_folders):
     assert attention.reshape(-1, 3).std(axis=0).max() > 10
 
 
+def test_a_scan_with_skull_is_flagged_and_the_box_strips_it_before_every_tab(space, head_folders):
+    client, _, _ = space
+    from gradio_client import handle_file
+    from test_skull_check import PYDEFACE_HEAD
+    from transformers import pipeline
+
+    _, _, info = client.predict(handle_file(str(PYDEFACE_HEAD)), False, api_name="/load")
+    assert "**Warning** — mean_reg2mean.nii.gz: does not look skull-stripped" in info and "skull-strip first" in info
+    assert "/tmp" not in info  # the upload's name, not the server's path
+    raw_age = client.predict(handle_file(str(PYDEFACE_HEAD)), False, api_name="/brain_age")
+    assert raw_age["skull_stripped"] is False
+    _, _, info = client.predict(handle_file(str(PYDEFACE_HEAD)), True, api_name="/load")
+    assert "(brain extracted)" in info and "Warning" not in info
+    age = client.predict(handle_file(str(PYDEFACE_HEAD)), True, api_name="/brain_age")
+    assert age["skull_stripped"] is True and "warnings" not in age
+    assert age != raw_age
+
+
 def test_a_zip_of_a_dicom_series_loads_like_a_nifti(space, tmp_path):
     import zipfile
 

@@ -147,7 +147,7 @@ def _train_head(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     summary = predict_files(args.task, args.model, args.inputs, args.out, device=args.device, dtype=args.dtype,
-                            slice_batch_size=args.slice_batch_size)
+                            slice_batch_size=args.slice_batch_size, skull_strip=args.skull_strip)
     for path in summary["written"]:
         print(f"  wrote {path}")
     for failure in summary["failed"]:
@@ -156,12 +156,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    config = EvaluationConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
-                              event=args.event, backbones=args.backbones, label_fractions=args.label_fractions,
-                              seeds=args.seeds, num_slices=args.num_slices, size=args.size,
-                              target_transform=args.target_transform, knn_ks=args.knn_ks,
-                              bootstrap=args.bootstrap, output_dir=args.out, device=args.device, dtype=args.dtype,
-                              loader_workers=args.workers)
+    heads = HeadTrainingConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
+                               event=args.event, label_fractions=args.label_fractions, seeds=args.seeds,
+                               num_slices=args.num_slices, size=args.size, target_transform=args.target_transform,
+                               device=args.device, dtype=args.dtype, loader_workers=args.workers)
+    config = EvaluationConfig(heads=heads, backbones=args.backbones, knn_ks=args.knn_ks, bootstrap=args.bootstrap,
+                              output_dir=args.out)
     run_evaluation(config)
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/evaluation.json, table.md, table.csv, results/*.json and plots")
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, type=model_location, help="a head folder (train-head's OUT/model) or Hub id")
     predict.add_argument("--out", default="outputs/predictions")
     predict.add_argument("--slice-batch-size", type=int, default=32)
+    predict.add_argument("--skull-strip", action="store_true",
+                         help="extract the brain first (deepbet, the brain-extraction extra) and write NAME_brainmask.nii.gz; "
+                              "for raw scans with skull, which the heads were not trained on")
     _add_runtime_arguments(predict, loader_workers=False)
     predict.set_defaults(run=_predict)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,26 +56,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationConfig:
-    """One protocol run: a task on a labels CSV, for each backbone: a folder, a Hub id, or `random:PRESET[:SEED]`
-    (PRESET a preset name, or a BrainDINO folder whose architecture is initialised at random)."""
+    """One protocol run: `heads`, the `train-head` settings every backbone is evaluated under (its task, labels,
+    label fractions, seeds, slices, device and precision; its backbone and output fields are set per backbone), and
+    the backbones: each a folder, a Hub id, or `random:PRESET[:SEED]` (PRESET a preset name, or a BrainDINO folder
+    whose architecture is initialised at random)."""
 
-    task: str
-    labels: str
-    inputs: list[str]
-    target: str
+    heads: HeadTrainingConfig
     backbones: list[str]
-    event: str | None = None
-    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    num_slices: int = 128
-    size: int | None = None
-    target_transform: str | None = None
     knn_ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     bootstrap: int = 1000
     output_dir: str = "outputs/evaluate"
-    device: str = "cpu"  # where the backbones encode ("auto": braindino.precision)
-    dtype: str = "float32"  # the backbones' precision; every backbone of one evaluation runs in the same one
-    loader_workers: int | None = 0
 
 
 def backbone_name(spec: str) -> str:
@@ -97,13 +87,8 @@ def head_training_config(config: EvaluationConfig, spec: str, out: Path) -> Head
         source = {"backbone": None, "preset": preset, "backbone_seed": int(seed or 0)}
     else:
         source = {"backbone": spec}
-    return HeadTrainingConfig(
-        task=config.task, labels=config.labels, inputs=config.inputs, target=config.target, event=config.event,
-        output_dir=str(out / "runs" / name), cache_dir=str(out / "feature-cache" / name),
-        label_fractions=config.label_fractions, seeds=config.seeds, num_slices=config.num_slices, size=config.size,
-        target_transform=config.target_transform, export=False, device=config.device, dtype=config.dtype,
-        loader_workers=config.loader_workers, **source,
-    )
+    return replace(config.heads, output_dir=str(out / "runs" / name), cache_dir=str(out / "feature-cache" / name),
+                   export=False, **source)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -140,9 +125,9 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     head_configs = {backbone_name(spec): head_training_config(config, spec, out) for spec in config.backbones}
     samples, synthetic = read_samples(next(iter(head_configs.values())))
     samples_by_name = {sample.name: sample for sample in samples}
-    classes = sorted({sample.target for sample in samples}) if config.task == "classification" else []
-    metric = PRIMARY_METRIC[config.task]
-    metric_function = _primary_metric_function(config.task, metric)
+    classes = sorted({sample.target for sample in samples}) if config.heads.task == "classification" else []
+    metric = PRIMARY_METRIC[config.heads.task]
+    metric_function = _primary_metric_function(config.heads.task, metric)
 
     _warn_random_baseline_in_16_bits(config)
     backbones, rows, unreadable = {}, [], set()
@@ -152,12 +137,12 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         unreadable.update(results["unreadable"])
         backbones[name] = {"description": results["backbone"], "summary": results["summary"]}
         for run in results["runs"]:
-            if config.task != "segmentation":
-                arrays = _run_arrays(run, samples_by_name, config.task, classes)
+            if config.heads.task != "segmentation":
+                arrays = _run_arrays(run, samples_by_name, config.heads.task, classes)
                 run["bootstrap_95ci"] = {metric: bootstrap_interval(metric_function, *arrays, resamples=config.bootstrap,
                                                                     seed=run["seed"])}
-            record = {"task": config.task, "backbone": name, "backbone_description": results["backbone"], **run}
-            path = out / "results" / f"{config.task}-{name}-fraction{run['label_fraction']:g}-seed{run['seed']}.json"
+            record = {"task": config.heads.task, "backbone": name, "backbone_description": results["backbone"], **run}
+            path = out / "results" / f"{config.heads.task}-{name}-fraction{run['label_fraction']:g}-seed{run['seed']}.json"
             path.write_text(json.dumps(json_safe(record), indent=2, allow_nan=False))
         for fraction, summary in results["summary"].items():
             intervals = [run["bootstrap_95ci"][metric] for run in results["runs"]
@@ -176,12 +161,12 @@ def run_evaluation(config: EvaluationConfig) -> dict:
 
     samples = [sample for sample in samples if not unreadable.intersection(sample.inputs)]  # the heads' subjects
     extras = {}
-    if config.task == "classification":
+    if config.heads.task == "classification":
         extras["knn"] = _knn_section(config, head_configs, samples, classes, out)
-    if config.task == "survival":
+    if config.heads.task == "survival":
         extras["kaplan_meier"] = _kaplan_meier_section(config, head_configs, samples_by_name, out)
     summary = {
-        "task": config.task, "target": config.target, "inputs": config.inputs, "synthetic_data": synthetic,
+        "task": config.heads.task, "target": config.heads.target, "inputs": config.heads.inputs, "synthetic_data": synthetic,
         "primary_metric": metric, "backbones": backbones, "rows": rows, **extras, "config": asdict(config),
         "protocol": "identical settings per backbone; " + results["protocol"],
     }
@@ -194,7 +179,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
 def _warn_random_baseline_in_16_bits(config: EvaluationConfig) -> None:
     """A random-init network's volumes differ below bf16's resolution (measured: MRI-sequence accuracy 0.93 in float32,
     0.60 in bf16), so a random baseline encoded in 16 bits is weaker than the network is."""
-    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    dtype = resolve_dtype(config.heads.dtype, resolve_device(config.heads.device))
     if dtype != torch.float32 and any(spec.startswith("random:") for spec in config.backbones):
         logger.warning(f"random-init baselines encoded in {dtype_name(dtype)}: their volume embeddings differ below "
                        "16-bit resolution, so they score lower than in float32; compare with --dtype float32")
@@ -204,19 +189,19 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     """k-NN probe on each backbone's cached subject embeddings (seed 0's split), McNemar against the first."""
 
     labels = np.array([classes.index(sample.target) for sample in samples])
-    train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.seeds[0])[0]
+    train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.heads.seeds[0])[0]
     correct = {}
     for name, head_config in head_configs.items():
         backbone = load_backbone(head_config.backbone, None if head_config.backbone else head_config.preset,
-                                 num_slices=config.num_slices, seed=head_config.backbone_seed, size=config.size,
-                                 device=config.device, dtype=config.dtype)
+                                 num_slices=config.heads.num_slices, seed=head_config.backbone_seed, size=config.heads.size,
+                                 device=config.heads.device, dtype=config.heads.dtype)
         cache = FeatureCache(head_config.cache_dir, backbone)
         per_contrast = [subject_embedding(cache.slice_embeddings([sample.inputs[contrast] for sample in samples]))
-                        for contrast in range(len(config.inputs))]  # [V, D] each
+                        for contrast in range(len(config.heads.inputs))]  # [V, D] each
         embeddings = np.mean([embedding.numpy() for embedding in per_contrast], axis=0)
         correct[name] = knn_probe(embeddings, labels, train, test, config.knn_ks)
     names = list(correct)
-    section = {"seed": config.seeds[0], "test_cases": int(len(test)),
+    section = {"seed": config.heads.seeds[0], "test_cases": int(len(test)),
                "accuracy": {name: {str(k): float(hits.mean()) for k, hits in correct[name].items()} for name in names},
                "mcnemar_vs_first": {name: {str(k): exact_mcnemar(correct[names[0]][k], correct[name][k])
                                            for k in correct[name]} for name in names[1:]}}
@@ -230,8 +215,8 @@ def _kaplan_meier_section(config, head_configs, samples_by_name, out: Path) -> d
     section = {}
     for name, head_config in head_configs.items():
         results = json.loads((Path(head_config.output_dir) / "results.json").read_text())
-        run = next(run for run in results["runs"] if run["label_fraction"] == max(config.label_fractions)
-                   and run["seed"] == config.seeds[0])
+        run = next(run for run in results["runs"] if run["label_fraction"] == max(config.heads.label_fractions)
+                   and run["seed"] == config.heads.seeds[0])
         names = list(run["test_predictions"])
         risk = np.array([run["test_predictions"][subject] for subject in names])
         times = np.array([samples_by_name[subject].target[0] for subject in names])
