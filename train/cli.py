@@ -122,12 +122,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _train_head(args: argparse.Namespace) -> int:
     config = HeadTrainingConfig(
-        task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
-        backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
-        label_fractions=args.label_fractions, folds=args.folds, seeds=args.seeds, num_slices=args.num_slices,
-        size=args.size, target_transform=args.target_transform, pooling=args.pooling, volume_head=args.head, learning_rate=args.lr, max_epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
-        batch_size=args.batch_size, export=not args.no_export, pipeline_code=args.pipeline_code, device=args.device, dtype=args.dtype,
-        loader_workers=args.workers,
+        **_head_data(args), backbone=args.model, preset=args.preset, output_dir=args.out, cache_dir=args.cache,
+        folds=args.folds, pooling=args.pooling, volume_head=args.head, learning_rate=args.lr, max_epochs=args.epochs,
+        patience=args.patience, min_epochs=args.min_epochs, batch_size=args.batch_size, export=not args.no_export,
+        pipeline_code=args.pipeline_code,
     )
     print(f"training a {config.task} head for '{config.target}' from {', '.join(config.inputs)} ({config.labels})")
     results = train_heads(config)
@@ -156,11 +154,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    heads = HeadTrainingConfig(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target,
-                               event=args.event, label_fractions=args.label_fractions, seeds=args.seeds,
-                               num_slices=args.num_slices, size=args.size, target_transform=args.target_transform,
-                               device=args.device, dtype=args.dtype, loader_workers=args.workers)
-    config = EvaluationConfig(heads=heads, backbones=args.backbones, knn_ks=args.knn_ks, bootstrap=args.bootstrap,
+    config = EvaluationConfig(heads=HeadTrainingConfig(**_head_data(args)), backbones=args.backbones, knn_ks=args.knn_ks, bootstrap=args.bootstrap,
                               output_dir=args.out)
     run_evaluation(config)
     print((Path(args.out) / "table.md").read_text())
@@ -187,6 +181,30 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser, loader_workers: bool
         parser.add_argument("--workers", type=int, default=None,
                             help="DataLoader processes reading and preprocessing volumes (default: this process's share "
                                  "of the cores less one, at most 8; 0: in the main process)")
+
+
+def _add_head_data_arguments(parser: argparse.ArgumentParser, label_fractions: list[float], seeds: list[int]) -> None:
+    """What `train-head` and `evaluate` share: the task, its labels file and columns, the label fractions and seeds,
+    and how volumes become slices (`_head_data` reads them back)."""
+    parser.add_argument("--task", required=True, choices=HEAD_TASKS)
+    parser.add_argument("--labels", required=True, help="CSV with one row per subject (or volume); paths relative to it")
+    parser.add_argument("--inputs", nargs="+", required=True, help="column(s) holding volume paths; several = contrasts")
+    parser.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
+    parser.add_argument("--event", help="survival: column that is 1 where the event was observed")
+    parser.add_argument("--label-fractions", type=float, nargs="+", default=label_fractions)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--num-slices", type=int, default=128, help="axial slices per volume for volume tasks (the paper: 128)")
+    parser.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
+    parser.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
+    _add_runtime_arguments(parser)
+
+
+def _head_data(args: argparse.Namespace) -> dict:
+    """`_add_head_data_arguments`' values (and the runtime's) as `HeadTrainingConfig` fields."""
+    return dict(task=args.task, labels=args.labels, inputs=args.inputs, target=args.target, event=args.event,
+                label_fractions=args.label_fractions, seeds=args.seeds, num_slices=args.num_slices, size=args.size,
+                target_transform=args.target_transform, device=args.device, dtype=args.dtype,
+                loader_workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,22 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream.set_defaults(run=_stream)
 
     head = commands.add_parser("train-head", help="train a task head on the frozen backbone (feature cache, label fractions, folds)")
-    head.add_argument("--task", required=True, choices=HEAD_TASKS)
-    head.add_argument("--labels", required=True, help="CSV with one row per subject (or volume); paths relative to it")
-    head.add_argument("--inputs", nargs="+", required=True, help="column(s) holding volume paths; several = contrasts")
-    head.add_argument("--target", required=True, help="column: class, value, survival time, or mask path (segmentation)")
-    head.add_argument("--event", help="survival: column that is 1 where the event was observed")
+    _add_head_data_arguments(head, label_fractions=[1.0], seeds=[0])
     head.add_argument("--model", type=model_location, help="pretrained BrainDINO backbone folder or Hub id")
     head.add_argument("--preset", default="tiny", type=model_location, help="with no --model: a randomly initialised backbone (baseline): a preset name or "
                       "the architecture of a BrainDINO folder")
     head.add_argument("--out", default="outputs/head")
     head.add_argument("--cache", help="feature cache folder (default: OUT/feature-cache); reused across runs")
-    head.add_argument("--label-fractions", type=float, nargs="+", default=[1.0])
     head.add_argument("--folds", type=int, default=1, help="k-fold cross-validation (1 = one seeded test split)")
-    head.add_argument("--seeds", type=int, nargs="+", default=[0])
-    head.add_argument("--num-slices", type=int, default=128, help="axial slices per volume for volume tasks (the paper: 128)")
-    head.add_argument("--size", type=int, help="slice canvas in pixels (default: the backbone's processor)")
-    head.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
     head.add_argument("--pooling", choices=["mean", "attention"], default="mean")
     head.add_argument("--head", choices=["mlp", "linear"], default="mlp",
                       help="volume tasks: the paper's MLP head, or a linear probe on the standardised embedding")
@@ -284,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--pipeline-code", action="store_true",
                       help="the exported folder also carries the pipeline code, so pipeline(..., trust_remote_code=True) "
                            "runs without this package (the flag is then needed everywhere)")
-    _add_runtime_arguments(head)
     head.set_defaults(run=_train_head)
 
     predict = commands.add_parser("predict", help="run a pipeline on NIfTI files; JSON (and mask NIfTI) per input")
@@ -300,23 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser("evaluate", help="the paper's frozen protocol for several backbones: tables, plots, tests")
-    evaluate.add_argument("--task", required=True, choices=HEAD_TASKS)
-    evaluate.add_argument("--labels", required=True)
-    evaluate.add_argument("--inputs", nargs="+", required=True)
-    evaluate.add_argument("--target", required=True)
-    evaluate.add_argument("--event")
+    _add_head_data_arguments(evaluate, label_fractions=[0.01, 0.1, 1.0], seeds=[0, 1, 2])
     evaluate.add_argument("--backbones", nargs="+", required=True, type=model_location,
                           help="folders or Hub ids, or random:PRESET[:SEED] for a random-initialised baseline "
                                "(PRESET: a preset name or a BrainDINO folder, whose architecture is used)")
-    evaluate.add_argument("--label-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    evaluate.add_argument("--num-slices", type=int, default=128)
-    evaluate.add_argument("--size", type=int)
-    evaluate.add_argument("--target-transform", choices=["log1p"], help="regression of day counts: loss in log1p space")
     evaluate.add_argument("--knn-ks", type=int, nargs="+", default=[1, 3, 5, 10, 20, 50])
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per run")
     evaluate.add_argument("--out", default="outputs/evaluate")
-    _add_runtime_arguments(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     push = commands.add_parser("push-to-hub", help="upload a saved folder (head export or backbone) to the Hub")
