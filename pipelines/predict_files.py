@@ -44,13 +44,15 @@ def _jsonable(value):
 def _skull_stripped(source: str | dict[str, str], use_gpu: bool, mask_path: Path):
     """The input with its brain extracted (a dict of contrasts: all masked with the first one's brain, which deepbet
     finds best on a T1), the mask written to `mask_path`."""
-    first = source if isinstance(source, str) else next(iter(source.values()))
-    brain, mask = extract_brain(first, use_gpu=use_gpu)
-    nib.save(mask, mask_path)
     if isinstance(source, str):
+        source = {None: source}
+    (first, first_path), *others = source.items()
+    brain, mask = extract_brain(first_path, use_gpu=use_gpu)
+    nib.save(mask, mask_path)
+    if not others:
         return brain
     inside = np.asanyarray(mask.dataobj).astype(bool)
-    return {contrast: apply_brain_mask(load_volume(path), inside) for contrast, path in source.items()}
+    return {first: brain, **{contrast: apply_brain_mask(load_volume(path), inside) for contrast, path in others}}
 
 
 def predict_files(task: str, model: str, inputs: list[str], out_dir: str | Path, device: str | None = "cpu",

@@ -102,3 +102,19 @@ def test_predict_warns_then_skull_strips_with_deepbet_and_writes_the_brain_mask(
     assert mask.shape == head.shape and np.allclose(mask.affine, head.affine)  # on the scan's own grid
     brain_ml = float(np.asanyarray(mask.dataobj).sum()) * float(np.prod(head.header.get_zooms())) / 1000
     assert brain_ml == pytest.approx(1394, abs=2)  # an adult brain, not the 4,080 ml head (docs/inputs.md)
+
+
+def test_a_multi_contrast_input_is_stripped_with_its_first_contrasts_mask(synthetic_corpus, tmp_path):
+    from braindino.pipelines.predict_files import _skull_stripped
+
+    flair = str(sorted(synthetic_corpus.glob("*/*_flair.nii.gz"))[0])
+    grid = nib.load(flair)
+    head = nib.Nifti1Image(np.asanyarray(nib.load(PYDEFACE_HEAD).dataobj)[:grid.shape[0], :grid.shape[1], :grid.shape[2]],
+                           grid.affine)
+    nib.save(head, tmp_path / "t1.nii.gz")
+    stripped = _skull_stripped({"t1": str(tmp_path / "t1.nii.gz"), "flair": flair}, False, tmp_path / "mask.nii.gz")
+    inside = np.asanyarray(nib.load(tmp_path / "mask.nii.gz").dataobj).astype(bool)
+    assert list(stripped) == ["t1", "flair"] and inside.any()
+    for contrast, path in (("t1", tmp_path / "t1.nii.gz"), ("flair", flair)):
+        original = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+        np.testing.assert_array_equal(stripped[contrast].data, np.where(inside, original, 0))

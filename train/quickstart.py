@@ -47,7 +47,6 @@ def _step(number: int, total: int, text: str) -> float:
 
 def _data_stages(out_dir: Path, subjects: int, held_out: int, seed: int, workers: int, timings: dict) -> dict:
     """Steps 1-3: the SYNTHETIC corpus (and held-out subjects), the slice corpus, one epoch of the multi-crop loader."""
-
     started = _step(1, TOTAL_STEPS, f"writing {subjects} + {held_out} held-out synthetic subjects on MNI152 anatomy")
     write_synthetic_corpus(out_dir / "synthetic", subjects, seed=seed, workers=workers)
     write_synthetic_corpus(out_dir / "synthetic-heldout", held_out, seed=seed, workers=workers, first_index=subjects)
@@ -77,7 +76,6 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     """Run every stage into `out_dir`; return the report's path. `recipe`: the pretraining recipe (a bundled name or a
     JSON file); `device`/`dtype`: where and in which precision the frozen backbone encodes for the features, heads and
     pipelines (`braindino.precision`)."""
-
     out_dir = Path(out_dir)
     timings = {}
     print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 1.5:.1f} minutes on a 2-core CPU)",
@@ -138,7 +136,6 @@ def dino_branch_line(records: list[dict]) -> str:
 
 def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Path:
     """`report.md` (counts, losses, scores, timings, pictures) and `timings.json`."""
-
     manifest, crops, losses, trained = facts["manifest"], facts["crops"], facts["losses"], facts["trained"]
     lines = [
         "# BrainDINO quickstart report",
@@ -179,8 +176,6 @@ def write_report(out_dir: Path, subjects: int, facts: dict, timings: dict) -> Pa
 def train_quickstart_heads(out_dir: Path, backbone: str, seed: int, device: str = "auto", dtype: str = "auto") -> dict[str, dict]:
     """A brain-age head (all labels and 50 %, 3 seeds: with 6 test subjects one seed is noise) and, where at least 3
     subjects have a tumour, a segmentation head (one seed: the slow task)."""
-
-
     labels = out_dir / "synthetic" / "labels.csv"
     common = dict(labels=str(labels), backbone=backbone, num_slices=32, device=device, dtype=dtype)
     heads = {"brain age": train_heads(HeadTrainingConfig(task="regression", inputs=["t1"], target="age",
@@ -200,7 +195,6 @@ def train_quickstart_heads(out_dir: Path, backbone: str, seed: int, device: str 
 def head_report_lines(heads: dict[str, dict]) -> list[str]:
     """One line per head: its score per label fraction (training subjects), next to the trivial baseline on the
     same held-out subjects where the task has one."""
-
     lines = []
     for name, results in heads.items():
         metric = results["primary_metric"]
@@ -224,7 +218,6 @@ def head_report_lines(heads: dict[str, dict]) -> list[str]:
 def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: str, subject_dir: Path,
                              device: str = "auto", dtype: str = "auto") -> dict:
     """Every pipeline whose head exists, on one held-out subject, through `braindino predict`'s code path."""
-
     scans = {contrast: str(next(subject_dir.glob(f"*_{contrast}.nii.gz"))) for contrast in ("t1", "flair")}
     jobs = {"brain-age": (heads["brain age"]["exported_model"]["folder"], scans["t1"]),
             "brain-mri-feature-extraction": (backbone, scans["t1"])}
@@ -249,8 +242,6 @@ def run_quickstart_pipelines(out_dir: Path, heads: dict[str, dict], backbone: st
 def report_pictures(out_dir: Path, backbone: str, heads: dict[str, dict], subject_dir: Path) -> dict[str, Path]:
     """The loss curve, and (with a segmentation head) the held-out slice with the most tumour: predicted labels,
     the reference outline and the patch-feature PCA map."""
-
-
     pictures = {"pretraining loss": loss_curve_figure(out_dir / "pretrain" / "metrics.jsonl", out_dir / "loss_curve.png")}
     masks = sorted((out_dir / "predictions" / "brain-tumor-segmentation").glob("*_seg.nii.gz"))
     if masks:

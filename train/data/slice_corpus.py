@@ -195,7 +195,6 @@ def prepare_corpus(
     are planned over all volumes, as one machine would number them, and this call writes every N-th from the K-th and
     `manifest-part-K-of-N.json`; `merge_corpus_parts` then writes the `manifest.json` of the whole corpus, which
     equals the one machine's slice for slice. `workers` processes write shards (None: `available_cores()`)."""
-
     workers = available_cores() if workers is None else workers
     out_dir = Path(out_dir)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,6 @@ class Anatomy:
 @lru_cache(maxsize=2)
 def load_anatomy(resolution: int = 2) -> Anatomy:
     """nilearn's bundled MNI152 GM/WM maps and brain mask (no download)."""
-
     brain_image = datasets.load_mni152_brain_mask(resolution=resolution)
     brain = brain_image.get_fdata().astype(np.float32)
     gm = np.clip(datasets.load_mni152_gm_template(resolution=resolution).get_fdata(), 0, 1).astype(np.float32) * brain

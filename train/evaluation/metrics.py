@@ -57,7 +57,6 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """`labels` (N,) class indices, `probabilities` (N, K). AUROC: binary, or macro one-vs-rest for K > 2;
     NaN when the evaluation set lacks a class (AUROC is undefined there)."""
-
     labels, probabilities = np.asarray(labels, int), np.asarray(probabilities, float)
     predictions = probabilities.argmax(axis=1)
     num_classes = probabilities.shape[1]
@@ -80,7 +79,6 @@ def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     class's AUC is (the sum of its cases' ranks among all scores - n(n+1)/2) / (n x the other cases), ties ranked
     by their mean. Every class must be present. The head's epoch is selected on it after every epoch, where
     scikit-learn's `roc_auc_score` took 9 ms a call here (its input checks), this 0.7 ms; a test holds the two equal."""
-
     labels = np.asarray(labels, int)
     classes = [1] if probabilities.shape[1] == 2 else range(probabilities.shape[1])
     areas = []
@@ -95,7 +93,6 @@ def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 def survival_metrics(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> dict[str, float]:
     """Harrell's C-index of a risk score (higher risk = earlier event; lifelines ranks the other way, hence -risk).
     NaN when no pair is comparable (no event before another subject's time)."""
-
     try:
         return {"c_index": float(concordance_index(np.asarray(times, float), -np.asarray(risk, float), np.asarray(events, bool)))}
     except ZeroDivisionError:
@@ -107,7 +104,6 @@ def region_overlap(prediction: np.ndarray, reference: np.ndarray, spacing: tuple
     """Dice, HD95 (mm) and normalised surface distance (surface Dice at `nsd_tolerance_mm`) of two binary volumes.
     Both empty: Dice 1, HD95 0, NSD 1. One empty: Dice 0, HD95 373.13 (BraTS 2023), NSD 0. Otherwise MONAI's
     `compute_dice`, `compute_hausdorff_distance(percentile=95)` and `compute_surface_dice`, with the voxel spacing."""
-
     prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
     if not prediction.any() and not reference.any():
         return {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}

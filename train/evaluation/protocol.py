@@ -187,7 +187,6 @@ def _warn_random_baseline_in_16_bits(config: EvaluationConfig) -> None:
 
 def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
     """k-NN probe on each backbone's cached subject embeddings (seed 0's split), McNemar against the first."""
-
     labels = np.array([classes.index(sample.target) for sample in samples])
     train, test = evaluation_splits(samples, next(iter(head_configs.values())), config.heads.seeds[0])[0]
     correct = {}
@@ -211,7 +210,6 @@ def _knn_section(config, head_configs, samples, classes, out: Path) -> dict:
 
 def _kaplan_meier_section(config, head_configs, samples_by_name, out: Path) -> dict:
     """Test subjects split at the median training risk of the largest-fraction, first-seed run; log-rank p."""
-
     section = {}
     for name, head_config in head_configs.items():
         results = json.loads((Path(head_config.output_dir) / "results.json").read_text())

@@ -17,7 +17,6 @@ LOWER_IS_BETTER = {"mae", "rmse", "hd95_whole_tumor"}
 
 def new_figure(**kwargs):
     """A figure with one axis, independent of pyplot (so of any backend the caller has chosen)."""
-
     figure = Figure(**kwargs)
     return figure, figure.subplots()
 

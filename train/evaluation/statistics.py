@@ -27,7 +27,6 @@ def bootstrap_interval(metric, *arrays: np.ndarray, resamples: int = 1000, seed:
 
 def exact_mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     """Exact McNemar test: a two-sided binomial test of the discordant pairs (A right & B wrong vs the reverse)."""
-
     only_a = int(np.sum(correct_a & ~correct_b))
     only_b = int(np.sum(~correct_a & correct_b))
     p_value = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)

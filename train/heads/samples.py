@@ -100,7 +100,6 @@ def _stratify_if_possible(strata: np.ndarray | None, indices: np.ndarray, size: 
 def evaluation_splits(samples: list[Sample], config: HeadTrainingConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(training pool, test) index pairs: k folds (each sample tested once) or one seeded test split. Splits are
     by subject, so several rows of one subject (e.g. its sequences) never sit on both sides."""
-
     subject_of = np.array([sample.subject for sample in samples])
     subjects, first_row = np.unique(subject_of, return_index=True)
     strata = _strata(samples, config.task)

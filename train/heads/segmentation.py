@@ -31,7 +31,6 @@ def _segmentation_model(backbone: Backbone, config: HeadTrainingConfig) -> Brain
 
 def _segmentation_slices(processor, sample: Sample):
     """One subject's processed slices `(S, C or M, H, W)`, labels `(S, H, W)` and geometry."""
-
     if len(sample.inputs) == 1:
         pixel_values, geometry = processor.preprocess_volume(sample.inputs[0])
     else:

@@ -384,7 +384,6 @@ def export_release(model: SelfDistillation, config: PretrainConfig, summary: dic
     """`final/student`, `final/teacher` (with the DINO/iBOT heads, for continued pretraining) and `final/backbone`:
     the EMA teacher's `BrainDinoModel` with its processor and a model card generated from this run. Every rank calls
     it (sharded weights are gathered); the main process writes."""
-
     final = Path(config.output_dir) / "final"
     states = {name: full_state_dict(getattr(model, name)) for name in ("student", "teacher")}
     if not accelerator.is_main_process:

@@ -71,7 +71,6 @@ def reshard(module: nn.Module) -> None:
     """Every FSDP2 unit under `module` back to its shards. A root unit keeps its parameters whole after a forward
     (for the backward that follows), so a teacher's root, which has no backward, would stay whole: the EMA update
     needs the shard of each teacher parameter against the student's shard."""
-
     for child in module.modules():
         if isinstance(child, FSDPModule):
             child.reshard()
@@ -97,7 +96,6 @@ def gradient_sync(model: nn.Module, accelerator, enabled: bool):
 def full_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """`network`'s whole state dict on the CPU of the main process (an empty dict on the others): gathered from its
     shards, a collective every rank calls, or simply copied where it is not sharded."""
-
     if not is_sharded(network):
         return {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}
     return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
