@@ -78,7 +78,7 @@ def run_quickstart(out_dir: str | Path, subjects: int = 24, held_out: int = 2, s
     pipelines (`braindino.precision`)."""
     out_dir = Path(out_dir)
     timings = {}
-    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 1.5:.1f} minutes on a 2-core CPU)",
+    print(f"BrainDINO quickstart on SYNTHETIC data → {out_dir} (about {pretrain_minutes + 2.5:.0f}-{pretrain_minutes + 7.5:.0f} minutes on a 2-core CPU)",
           flush=True)
     facts = _data_stages(out_dir, subjects, held_out, seed, workers, timings)
 
